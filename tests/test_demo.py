@@ -1,0 +1,89 @@
+"""Run outputs and the demo: metrics.jsonl (resume-safe), reward_curve.png, a short demo run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerState, TrainingArguments
+
+from trainer.callbacks import MetricsJsonlCallback, plot_reward_curve, read_metrics
+
+
+class _Regression(torch.nn.Module):
+    """A one-weight model: enough for a real ``Trainer`` loop with checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": ((self.w * x - y) ** 2).mean()}
+
+
+def _run_trainer(out: Path, max_steps: int, resume: str | None = None) -> None:
+    data = Dataset.from_dict({"x": [float(i) for i in range(8)], "y": [2.0 * i for i in range(8)]})
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=0.01,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=_Regression(),
+        args=args,
+        train_dataset=data,
+        callbacks=[MetricsJsonlCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+
+def test_metrics_jsonl_resume_does_not_duplicate_steps(tmp_path: Path) -> None:
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run_trainer(full, max_steps=4)
+    _run_trainer(resumed, max_steps=3)  # the "crashed" run: saved step 2, logged step 3
+    _run_trainer(resumed, max_steps=4, resume=str(resumed / "checkpoint-2"))
+
+    def train_logs(root: Path) -> list[dict]:
+        return [r for r in read_metrics(root / "metrics.jsonl") if "loss" in r]
+
+    assert [r["step"] for r in train_logs(resumed)] == [1, 2, 3, 4]
+    losses = [r["loss"] for r in train_logs(resumed)]
+    assert losses == pytest.approx([r["loss"] for r in train_logs(full)])
+
+
+def test_fresh_run_starts_metrics_over(tmp_path: Path) -> None:
+    _run_trainer(tmp_path, max_steps=2)
+    _run_trainer(tmp_path, max_steps=2)
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]
+
+
+def test_metrics_are_valid_json_with_nan_as_null(tmp_path: Path) -> None:
+    callback = MetricsJsonlCallback(tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state = TrainerState()
+    state.global_step, state.epoch = 5, 0.5
+    callback.on_log(args, state, None, logs={"objective/kl": float("nan"), "beta": 0.1})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line) == {"step": 5, "epoch": 0.5, "objective/kl": None, "beta": 0.1}
+
+
+def test_reward_curve_png(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "objective/scores": s / 10, "objective/kl": s / 5} for s in range(1, 11)]
+    rows.append({"step": 10, "eval_reward_mean": 0.9, "eval_win_rate": 0.8})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_reward_curve(metrics, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
