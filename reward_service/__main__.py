@@ -1,0 +1,78 @@
+"""``reward-service`` CLI (also ``python -m reward_service``): settings as flags, then uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from reward_service.app import ServiceState, create_app
+from reward_service.errors import format_loc
+from reward_service.settings import ServiceSettings
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: /ready turns 503 on SIGTERM, and a failed model load stops the process."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.state.draining = True
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.load_error is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def parse_settings(argv: list[str]) -> ServiceSettings:
+    """Flags override ``REWARD_*`` environment variables; exits 2 naming a bad value."""
+    try:
+        settings = CliApp.run(ServiceSettings, cli_args=argv)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            flag = "--" + format_loc(err["loc"]).replace("_", "-")
+            env = "REWARD_" + format_loc(err["loc"]).upper()
+            got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
+            print(f"reward-service: error: {flag} / {env}: {err['msg']}{got}", file=sys.stderr)
+        raise SystemExit(2) from None
+    model = settings.model
+    if model.startswith(_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
+        print(f"reward-service: error: --model: no such directory: {model!r}", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT; in-flight requests finish first."""
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        lifespan="on",
+    )
+    state: ServiceState = app.state.service
+    _Server(config, state).run()
+    return 1 if state.load_error is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

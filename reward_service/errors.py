@@ -1,0 +1,103 @@
+"""The one error envelope ``{"error": {"type", "message"}}`` and the handlers that produce it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reward_service.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED_ERRORS = 5
+_STATUS_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "queue_full",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine-readable type, human message, extra headers."""
+
+    def __init__(
+        self, status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": type_, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """``("items", 3, "completion")`` -> ``"items[3].completion"``; ``()`` -> ``"body"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def format_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """One line naming each failing field (the input values themselves are never echoed)."""
+    parts = [f"{format_loc(e['loc'])}: {e['msg']}" for e in errors[:_MAX_LISTED_ERRORS]]
+    if len(errors) > _MAX_LISTED_ERRORS:
+        parts.append(f"(and {len(errors) - _MAX_LISTED_ERRORS} more)")
+    return "; ".join(parts)
+
+
+def from_validation_error(exc: ValidationError) -> ApiError:
+    """400 for a body that is not JSON at all, else 422 naming the fields."""
+    errors = exc.errors(include_url=False, include_input=False)
+    invalid_json = [e for e in errors if e["type"] == "json_invalid"]
+    if invalid_json:
+        return ApiError(400, "invalid_json", f"body is not valid JSON: {invalid_json[0]['msg']}")
+    return ApiError(422, "validation_error", format_validation_errors(errors))
+
+
+def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    """Route every error, including FastAPI's own, through the envelope and count it."""
+
+    def respond(status: int, type_: str, message: str, headers: Mapping[str, str] | None = None):
+        metrics.errors.labels(type_).inc()
+        return error_response(status, type_, message, headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return respond(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return respond(400, "invalid_json", "body is not valid JSON")
+        return respond(422, "validation_error", format_validation_errors(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = _STATUS_TYPES.get(exc.status_code, "http_error")
+        return respond(exc.status_code, type_, str(exc.detail), exc.headers)

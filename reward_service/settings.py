@@ -1,0 +1,83 @@
+"""Reward service settings: ``REWARD_*`` environment variables or ``reward-service`` flags."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service needs to load its model, batch requests and listen."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REWARD_",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_implicit_flags=True,
+        cli_prog_name="reward-service",
+    )
+
+    model: str = Field(
+        description="Sequence-classification model: a local directory or a hub id.",
+    )
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer directory or hub id (default: the model's)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32", description="Weights dtype; 'auto' takes the one saved in the config."
+    )
+    device: str = Field(default="auto", description="'auto' (cuda if present), 'cpu', 'cuda:0'...")
+    max_length: int | None = Field(
+        default=None,
+        gt=1,
+        description="Max tokens per item (default: the model's max positions / tokenizer limit).",
+    )
+    truncation_side: Literal["left", "right", "error"] = Field(
+        default="left",
+        description="Over-long items: 'left' drops the start (keeps the end, where the reward is "
+        "read), 'right' drops the end, 'error' rejects the request with 422.",
+    )
+    max_batch_size: int = Field(default=64, gt=0, description="Max items per forward pass.")
+    max_batch_tokens: int = Field(
+        default=16384, gt=0, description="Max padded tokens (items x longest) per forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a micro-batch waits for requests that are already arriving.",
+    )
+    max_queue_items: int = Field(
+        default=4096, gt=0, description="Items waiting to be scored before 429 is returned."
+    )
+    max_items_per_request: int = Field(default=1024, gt=0, description="More items: 413.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Larger body: 413.")
+    score_label: int | str = Field(
+        default=0, description="Head output (index or id2label name) used as the score."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="If set, /score, /get_reward and /info need 'Authorization: Bearer KEY' "
+        "or 'X-API-Key: KEY'.",
+    )
+    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    num_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op threads (default: torch's choice)."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(default=False, description="Log one line per HTTP request.")
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Self:
+        if self.max_items_per_request > self.max_queue_items:
+            raise ValueError(
+                f"max_items_per_request ({self.max_items_per_request}) must not exceed "
+                f"max_queue_items ({self.max_queue_items})"
+            )
+        return self
