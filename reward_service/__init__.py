@@ -1,6 +1,6 @@
-"""Reward model served over HTTP with cross-request dynamic batching."""
+"""Reward model served over HTTP with cross-request dynamic batching.
 
-from reward_service.app import create_app
-from reward_service.settings import ServiceSettings
-
-__all__ = ["ServiceSettings", "create_app"]
+Entry points: :func:`reward_service.app.create_app` (app factory) and the ``reward-service`` CLI
+(:mod:`reward_service.__main__`). Nothing heavy is imported here, so the CLI reports bad flags
+before torch is loaded.
+"""

@@ -6,14 +6,16 @@ import logging
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from reward_service.app import ServiceState, create_app
-from reward_service.errors import format_loc
 from reward_service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from reward_service.app import ServiceState
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
@@ -41,10 +43,13 @@ def parse_settings(argv: list[str]) -> ServiceSettings:
         settings = CliApp.run(ServiceSettings, cli_args=argv)
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
-            flag = "--" + format_loc(err["loc"]).replace("_", "-")
-            env = "REWARD_" + format_loc(err["loc"]).upper()
+            if not err["loc"]:  # a rule across several settings
+                print(f"reward-service: error: {err['msg']}", file=sys.stderr)
+                continue
+            name = str(err["loc"][0])
+            where = f"--{name.replace('_', '-')} / REWARD_{name.upper()}"
             got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
-            print(f"reward-service: error: {flag} / {env}: {err['msg']}{got}", file=sys.stderr)
+            print(f"reward-service: error: {where}: {err['msg']}{got}", file=sys.stderr)
         raise SystemExit(2) from None
     model = settings.model
     if model.startswith(_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
@@ -56,6 +61,8 @@ def parse_settings(argv: list[str]) -> ServiceSettings:
 def main(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; in-flight requests finish first."""
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    from reward_service.app import create_app  # after parsing: flag errors come without torch
+
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

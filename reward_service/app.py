@@ -116,23 +116,19 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     ) -> tuple[Scorer, Encoded, list[list[float]], Any]:
         """Shared pipeline of /score and /get_reward: check, parse, tokenize, queue, await."""
         scorer, batcher = serving(request)
-        batcher.arriving += 1
-        try:
-            body = await _read_json_body(request, settings.max_body_bytes)
-            items, extra = parse(body, scorer)
-            if len(items) > settings.max_items_per_request:
-                raise ApiError(
-                    413,
-                    "too_many_items",
-                    f"{len(items)} items exceed max_items_per_request "
-                    f"{settings.max_items_per_request}; split the request",
-                )
-            if len(body) > _OFFLOAD_BYTES:
-                encoded = await asyncio.to_thread(_prepare, scorer, items)
-            else:
-                encoded = _prepare(scorer, items)
-        finally:
-            batcher.arriving -= 1
+        body = await _read_json_body(request, settings.max_body_bytes)
+        items, extra = parse(body, scorer)
+        if len(items) > settings.max_items_per_request:
+            raise ApiError(
+                413,
+                "too_many_items",
+                f"{len(items)} items exceed max_items_per_request "
+                f"{settings.max_items_per_request}; split the request",
+            )
+        if len(body) > _OFFLOAD_BYTES:
+            encoded = await asyncio.to_thread(_prepare, scorer, items)
+        else:
+            encoded = _prepare(scorer, items)
         try:
             logits = await batcher.score(encoded.ids)
         except QueueFull as exc:

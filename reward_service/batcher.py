@@ -1,9 +1,9 @@
 """Cross-request dynamic batching: one queue, one worker thread running the forward passes.
 
 Requests put their tokenized items on the queue and await a future. A single asyncio worker
-takes what is queued (FIFO, up to a pool of a few batches), sorts it by length, splits it into
-micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` and runs each forward in a
-dedicated thread, so the event loop keeps accepting and parsing requests meanwhile.
+forms micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` from items of any
+request, grouped by length, and runs each forward in a dedicated thread, so the event loop keeps
+accepting and parsing requests meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from reward_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
-# Items taken per round, in batches: enough to sort by length, few enough to answer early.
+# Oldest items looked at per round, in batches: enough to group similar lengths.
 _POOL_BATCHES = 4
 
 
@@ -44,17 +44,19 @@ def plan_batches(
 ) -> list[list[int]]:
     """Indices of ``lengths`` grouped into micro-batches, shortest first.
 
-    Sorting by length keeps padding low; each batch has at most ``max_batch_size`` items and at
-    most ``max_batch_tokens`` padded tokens (items x longest), except that an item longer than
-    the token budget still gets a batch of its own.
+    Sorting by length keeps padding low; each batch has at most ``max_batch_size`` items (sizes
+    evened out) and at most ``max_batch_tokens`` padded tokens (items x longest), except that an
+    item longer than the token budget still gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    # Even sizes (100 items, max 64: 50 + 50, not 64 + 36), so no batch is needlessly small.
+    size = math.ceil(len(order) / max(1, math.ceil(len(order) / max_batch_size)))
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         # Ascending order: this item is the longest of the batch if it joins.
         if current and (
-            len(current) >= max_batch_size or (len(current) + 1) * lengths[index] > max_batch_tokens
+            len(current) >= size or (len(current) + 1) * lengths[index] > max_batch_tokens
         ):
             batches.append(current)
             current = []
@@ -73,7 +75,7 @@ class _Job:
     enqueued_at: float
     results: list[list[float]] = field(default_factory=list)
     remaining: int = 0
-    taken: int = 0  # items already handed to a forward pass
+    started: bool = False
 
     def __post_init__(self) -> None:
         self.results = [[] for _ in self.seqs]
@@ -81,7 +83,14 @@ class _Job:
 
 
 class Batcher:
-    """Queue + worker. Create and use it inside the running event loop."""
+    """Queue + worker. Create and use it inside the running event loop.
+
+    Each round looks at the oldest queued items (a pool of a few batches), sorts them by length,
+    splits them into micro-batches and runs the one that holds the oldest item: similar lengths
+    share a batch (little padding) and nothing waits behind newer items (no starvation). The
+    rest stays queued for the next round, so a round is one forward pass and the requests it
+    completes are answered at once while the next one runs.
+    """
 
     def __init__(
         self,
@@ -99,29 +108,29 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
-        self.arriving = 0  # requests being parsed right now: worth a short wait for
-        self._jobs: deque[_Job] = deque()
-        self._queued = 0
+        self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
         self._wake = asyncio.Event()
         self._closing = False
         self._items_per_s = 0.0
+        self._last_round = 1  # items run by the previous round
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     @property
     def queued(self) -> int:
-        """Items waiting to be taken by the worker."""
-        return self._queued
+        """Items waiting for a forward pass."""
+        return len(self._queue)
 
     async def score(self, seqs: list[list[int]]) -> list[list[float]]:
         """Head logits of each sequence, in order, once their micro-batches have run."""
         if self._closing:
             raise Draining("the service is shutting down")
-        if self._queued + len(seqs) > self.max_queue_items:
+        if len(self._queue) + len(seqs) > self.max_queue_items:
             raise QueueFull(self._retry_after())
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(seqs, future, time.perf_counter()))
-        self._set_queued(self._queued + len(seqs))
+        job = _Job(seqs, future, time.perf_counter())
+        self._queue.extend((job, i) for i in range(len(seqs)))
+        self._metrics.queue_depth.set(len(self._queue))
         self._wake.set()
         return await future
 
@@ -132,9 +141,9 @@ class Batcher:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
-            logger.error("drain timed out with %d items queued", self._queued)
+            logger.error("drain timed out with %d items queued", len(self._queue))
             self._task.cancel()
-            for job in self._jobs:
+            for job, _ in self._queue:
                 if not job.future.done():
                     job.future.set_exception(Draining("the service shut down before scoring"))
         self._executor.shutdown(wait=True)
@@ -142,21 +151,24 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._jobs:
+            if not self._queue:
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             await self._collect()
-            items = self._take()
-            if items:
-                await self._score_pool(loop, items)
+            batch = self._take()
+            if batch:
+                await self._score(loop, batch)
 
     async def _collect(self) -> None:
-        """Wait (at most max_wait from the oldest item) while more requests are being parsed."""
-        deadline = self._jobs[0].enqueued_at + self.max_wait_s
-        while self.arriving > 0 and self._queued < self.max_batch_size and not self._closing:
+        """Wait (at most max_wait from the oldest queued item) until as many items are queued
+        as the previous round ran: under steady load the clients answered by that round are
+        about to send again, while a lone client (previous round: 1 item) is never delayed."""
+        deadline = self._queue[0][0].enqueued_at + self.max_wait_s
+        target = min(self.max_batch_size, self._last_round)
+        while len(self._queue) < target and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -168,61 +180,54 @@ class Batcher:
                 return
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """Up to a pool of items, FIFO; a large request may be split across rounds."""
+        """Remove and return the next micro-batch: the length class of the oldest item."""
+        pool: list[tuple[_Job, int]] = []
         limit = self.max_batch_size * _POOL_BATCHES
-        items: list[tuple[_Job, int]] = []
+        while self._queue and len(pool) < limit:
+            item = self._queue.popleft()
+            if not item[0].future.done():  # else its handler is gone: skip the work
+                pool.append(item)
+        if not pool:
+            self._metrics.queue_depth.set(len(self._queue))
+            return []
+        lengths = [len(job.seqs[i]) for job, i in pool]
+        batches = plan_batches(lengths, self.max_batch_size, self.max_batch_tokens)
+        chosen = next(b for b in batches if 0 in b)  # pool[0] is the oldest item
+        keep = set(chosen)
+        self._queue.extendleft(reversed([x for k, x in enumerate(pool) if k not in keep]))
+        self._metrics.queue_depth.set(len(self._queue))
+        batch = [pool[k] for k in chosen]
         now = time.perf_counter()
-        while self._jobs and len(items) < limit:
-            job = self._jobs[0]
-            if job.future.done():  # cancelled by its handler: skip its remaining items
-                self._jobs.popleft()
-                self._set_queued(self._queued - (len(job.seqs) - job.taken))
-                continue
-            if job.taken == 0:
+        for job, _ in batch:
+            if not job.started:
+                job.started = True
                 self._metrics.queue_wait_seconds.observe(now - job.enqueued_at)
-            n = min(len(job.seqs) - job.taken, limit - len(items))
-            items.extend((job, i) for i in range(job.taken, job.taken + n))
-            job.taken += n
-            self._set_queued(self._queued - n)
-            if job.taken == len(job.seqs):
-                self._jobs.popleft()
-        return items
+        self._last_round = len(batch)
+        return batch
 
-    async def _score_pool(
-        self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Job, int]]
-    ) -> None:
-        seqs = [job.seqs[i] for job, i in items]
+    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int]]) -> None:
+        seqs = [job.seqs[i] for job, i in batch]
+        start = time.perf_counter()
+        try:
+            logits = await loop.run_in_executor(self._executor, self._forward, seqs)
+        except Exception as exc:
+            logger.exception("forward pass failed")
+            for job, _ in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - start
         lengths = [len(s) for s in seqs]
-        for batch in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
-            batch_seqs = [seqs[k] for k in batch]
-            start = time.perf_counter()
-            try:
-                logits = await loop.run_in_executor(self._executor, self._forward, batch_seqs)
-            except Exception as exc:
-                logger.exception("forward pass failed")
-                for k in batch:
-                    job = items[k][0]
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            seconds = time.perf_counter() - start
-            tokens = sum(lengths[k] for k in batch)
-            padded = len(batch) * max(lengths[k] for k in batch)
-            self._metrics.observe_batch(len(batch), tokens, padded, seconds)
-            self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(batch) / max(seconds, 1e-6)
-            for k, row in zip(batch, logits.tolist(), strict=True):
-                job, i = items[k]
-                job.results[i] = row
-                job.remaining -= 1
-                if job.remaining == 0 and not job.future.done():
-                    job.future.set_result(job.results)
-
-    def _set_queued(self, n: int) -> None:
-        self._queued = n
-        self._metrics.queue_depth.set(n)
+        self._metrics.observe_batch(len(seqs), sum(lengths), len(seqs) * max(lengths), seconds)
+        self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(seqs) / max(seconds, 1e-6)
+        for (job, i), row in zip(batch, logits.tolist(), strict=True):
+            job.results[i] = row
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.results)
 
     def _retry_after(self) -> int:
         """Seconds until the current queue is likely worked off (1..60)."""
         if self._items_per_s <= 0:
             return 1
-        return int(min(60, max(1, math.ceil(self._queued / self._items_per_s))))
+        return int(min(60, max(1, math.ceil(len(self._queue) / self._items_per_s))))

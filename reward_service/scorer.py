@@ -17,6 +17,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
+from transformers.utils.logging import disable_progress_bar
 
 from common.schemas import ScoreItem
 from reward_service.settings import ServiceSettings
@@ -164,6 +165,7 @@ class Scorer:
         """Load model and tokenizer as configured (local path or hub id)."""
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
+        disable_progress_bar()  # a progress bar per load is noise in a service log
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -45,9 +45,10 @@ class ServiceSettings(BaseSettings):
         default=16384, gt=0, description="Max padded tokens (items x longest) per forward pass."
     )
     max_wait_ms: float = Field(
-        default=2.0,
+        default=5.0,
         ge=0,
-        description="How long a micro-batch waits for requests that are already arriving.",
+        description="Longest wait for more requests before a micro-batch runs (only when the "
+        "previous round was larger than what is queued, i.e. under concurrent load).",
     )
     max_queue_items: int = Field(
         default=4096, gt=0, description="Items waiting to be scored before 429 is returned."
