@@ -266,8 +266,8 @@ class Scorer:
 
     def warmup(self) -> None:
         """One padded forward, so the first request does not pay one-time setup costs."""
-        ids = self.encode(["warm-up", "a slightly longer warm-up text"]).ids
-        self.forward(ids)
+        ids = self._tokenize(["a slightly longer warm-up text"], True)[0][: self.max_length]
+        self.forward([ids[:2], ids])  # two lengths: the padded path runs too
 
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)

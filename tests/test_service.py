@@ -1,0 +1,633 @@
+"""Reward service over real HTTP: real uvicorn servers on free loopback ports, real httpx clients,
+the real demo reward model, compared with plain in-process transformers forwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from common.demo_models import ensure_demo_models, generate_corpus
+from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
+from reward_service.__main__ import _Server
+from reward_service.app import ServiceState, create_app
+from reward_service.metrics import ServiceMetrics
+from reward_service.scorer import Scorer
+from reward_service.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "s3cret-key-for-tests"
+SECRET_TEXT = "zebra-marker-that-must-not-be-logged"
+
+
+# ----------------------------------------------------------------------------- helpers
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread.
+
+    Yields the base URL once the socket listens (the model may still be loading)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/ready", timeout=2)
+            if response.status_code == 200:
+                return
+            assert response.json()["error"]["type"] == "loading", response.text
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+def assert_error(response: httpx.Response, status: int, type_: str, *fragments: str) -> None:
+    """The one error envelope, with this status and type, and a message naming ``fragments``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    error = ErrorResponse.model_validate(body).error
+    assert error.type == type_, body
+    assert "Traceback" not in response.text
+    for fragment in fragments:
+        assert fragment in error.message, (fragment, error.message)
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of the Prometheus samples whose name+labels start with ``name``."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Reference:
+    """Plain transformers, one item per forward: what the service must reproduce."""
+
+    def __init__(self, path: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+    def ids(self, text: str) -> list[int]:
+        has_bos = text.startswith(self.tokenizer.bos_token)  # chat templates add BOS themselves
+        return self.tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+    @torch.inference_mode()
+    def logits_of_ids(self, ids: list[int]) -> list[float]:
+        return self.model(input_ids=torch.tensor([ids])).logits[0].tolist()
+
+    def score(self, text: str) -> float:
+        return self.logits_of_ids(self.ids(text))[0]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def reward_path(request: pytest.FixtureRequest) -> Path:
+    try:
+        demo = request.getfixturevalue("demo_models")
+    except pytest.FixtureLookupError:
+        demo = ensure_demo_models()
+    return demo.reward
+
+
+@pytest.fixture(scope="module")
+def ref(reward_path: Path) -> Reference:
+    return Reference(reward_path)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """Short and long texts, so a mixed batch really pads."""
+    corpus = generate_corpus(40, seed=5)
+    return ["great", corpus[0], " ".join(corpus[1:4]), corpus[4] + " " + corpus[5], *corpus[6:14]]
+
+
+@pytest.fixture(scope="module")
+def service(reward_path: Path) -> Iterator[str]:
+    settings = ServiceSettings(
+        model=str(reward_path), max_items_per_request=32, max_body_bytes=200_000
+    )
+    with serve(create_app(settings)) as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(service: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service, timeout=30) as c:
+        yield c
+
+
+def score(client: httpx.Client, items: list[dict], **extra: object) -> ScoreResponse:
+    response = client.post("/score", json={"items": items, **extra})
+    assert response.status_code == 200, response.text
+    return ScoreResponse.model_validate(response.json())
+
+
+# ----------------------------------------------------------------------------- scoring
+def test_scores_equal_in_process_forwards_alone_and_in_mixed_batch(
+    client: httpx.Client, ref: Reference, texts: list[str], reward_path: Path
+) -> None:
+    expected = [ref.score(t) for t in texts]
+    batched = score(client, [{"text": t} for t in texts])
+    alone = [score(client, [{"text": t}]).scores[0] for t in texts]
+    assert batched.scores == pytest.approx(expected, abs=1e-5)
+    assert alone == pytest.approx(expected, abs=1e-5)
+    assert batched.num_tokens == [len(ref.ids(t)) for t in texts]
+    assert len(set(batched.num_tokens)) > 3  # really a padded, mixed-length batch
+    assert batched.truncated == [False] * len(texts)
+    assert batched.model_id == str(reward_path)
+    assert len(batched.weights_hash) == 16 and int(batched.weights_hash, 16) >= 0
+    assert batched.logits is None
+    # The demo reward model learned the property: positive reviews beat negative ones.
+    pair = score(client, [{"text": "the movie was great ."}, {"text": "the movie was awful ."}])
+    assert pair.scores[0] > 0.5 > -0.5 > pair.scores[1]
+
+
+def test_prompt_completion_is_concatenated_as_trl_does(
+    client: httpx.Client, ref: Reference
+) -> None:
+    got = score(client, [{"prompt": "the plot", "completion": " was dull ."}]).scores[0]
+    assert got == pytest.approx(ref.score("the plot was dull ."), abs=1e-5)
+
+
+def test_chat_items_use_the_reward_tokenizers_template(
+    client: httpx.Client, ref: Reference
+) -> None:
+    messages = [
+        {"role": "user", "content": "the acting"},
+        {"role": "assistant", "content": "was superb ."},
+    ]
+    rendered = ref.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered.startswith(ref.tokenizer.bos_token) and "### User:" in rendered
+    result = score(
+        client,
+        [
+            {"messages": messages},
+            # prompt as messages + a decoded completion (leading space, as sampled)
+            {"prompt": messages[:1], "completion": " was superb ."},
+            {"text": rendered},
+            {"text": "the acting was superb ."},
+        ],
+    )
+    conversational, prompt_form, as_text, plain = result.scores
+    assert conversational == pytest.approx(ref.score(rendered), abs=1e-5)
+    assert prompt_form == pytest.approx(conversational, abs=1e-6)
+    assert as_text == pytest.approx(conversational, abs=1e-6)
+    assert abs(plain - conversational) > 1e-4  # the template changed the input
+    # Exactly one BOS: the template's, none added by the tokenizer on top.
+    assert result.num_tokens[0] == len(
+        ref.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_get_reward_is_openrlhf_compatible(client: httpx.Client, ref: Reference) -> None:
+    queries = ["the film was lovely .", "the script felt tedious and weak ."]
+    response = client.post("/get_reward", json={"query": queries})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"rewards", "scores"}
+    assert body["rewards"] == body["scores"]
+    assert body["rewards"] == pytest.approx([ref.score(q) for q in queries], abs=1e-5)
+
+
+def test_info_health_ready_metrics_docs(client: httpx.Client, reward_path: Path) -> None:
+    info = InfoResponse.model_validate(client.get("/info").json())
+    assert info.model_id == str(reward_path)
+    assert (info.num_labels, info.score_label, info.id2label) == (1, 0, {0: "LABEL_0"})
+    assert (info.dtype, info.device, info.max_length, info.truncation_side) == (
+        "float32", "cpu", 256, "left",
+    )  # fmt: skip
+    assert info.has_chat_template and info.max_items_per_request == 32
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready"}
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "reward_batch_size_bucket" in metrics.text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/score", "/get_reward", "/info", "/ready"} <= set(spec["paths"])
+    body_ref = spec["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]
+    assert body_ref["schema"]["$ref"].endswith("/ScoreRequest")
+    assert {"ScoreRequest", "ScoreItem", "Message", "ScoreResponse"} <= set(
+        spec["components"]["schemas"]
+    )
+
+
+def test_concurrent_clients_are_merged_into_batches(
+    service: str, ref: Reference, texts: list[str]
+) -> None:
+    per_request, n_clients, rounds = 2, 16, 4
+    batches_before = metric(service, "reward_batches_total")
+    items_before = metric(service, "reward_batch_size_sum")
+
+    async def one_client(k: int, http: httpx.AsyncClient) -> list[tuple[str, float]]:
+        out = []
+        for r in range(rounds):
+            chosen = [texts[(k + r + j) % len(texts)] for j in range(per_request)]
+            response = await http.post("/score", json={"items": [{"text": t} for t in chosen]})
+            assert response.status_code == 200, response.text
+            out += zip(chosen, response.json()["scores"], strict=True)
+        return out
+
+    async def run() -> list[list[tuple[str, float]]]:
+        async with httpx.AsyncClient(base_url=service, timeout=30) as http:
+            return await asyncio.gather(*(one_client(k, http) for k in range(n_clients)))
+
+    results = asyncio.run(run())
+    expected = {t: ref.score(t) for t in texts}
+    for pairs in results:
+        for text, got in pairs:
+            assert got == pytest.approx(expected[text], abs=1e-5)
+    n_requests = n_clients * rounds
+    batches = metric(service, "reward_batches_total") - batches_before
+    items = metric(service, "reward_batch_size_sum") - items_before
+    assert items == n_requests * per_request
+    assert batches < n_requests / 2  # requests shared forward passes
+    assert items / batches > 2 * per_request
+
+
+# ----------------------------------------------------------------------------- truncation
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_truncation_keeps_the_configured_end(
+    side: str, reward_path: Path, ref: Reference, texts: list[str]
+) -> None:
+    long_text, short_text = texts[2], texts[1]
+    full = ref.ids(long_text)
+    max_length = 12
+    assert len(full) > max_length >= len(ref.ids(short_text))
+    settings = ServiceSettings(model=str(reward_path), max_length=max_length, truncation_side=side)
+    with serve(create_app(settings)) as url:
+        wait_ready(url)
+        with httpx.Client(base_url=url) as c:
+            result = score(c, [{"text": long_text}, {"text": short_text}])
+            truncations = metric(url, f'reward_truncations_total{{side="{side}"}}')
+    bos = full[0]
+    assert bos == ref.tokenizer.bos_token_id
+    kept = [bos, *full[-(max_length - 1) :]] if side == "left" else full[:max_length]
+    assert result.truncated == [True, False]
+    assert result.num_tokens == [max_length, len(ref.ids(short_text))]
+    assert result.scores[0] == pytest.approx(ref.logits_of_ids(kept)[0], abs=1e-5)
+    assert result.scores[1] == pytest.approx(ref.score(short_text), abs=1e-5)
+    assert truncations == 1
+
+
+def test_truncation_error_mode_rejects_naming_the_item(reward_path: Path, texts: list[str]) -> None:
+    settings = ServiceSettings(model=str(reward_path), max_length=12, truncation_side="error")
+    with serve(create_app(settings)) as url:
+        wait_ready(url)
+        items = [{"text": texts[1]}, {"text": texts[2]}]
+        response = httpx.post(f"{url}/score", json={"items": items})
+    assert_error(response, 422, "validation_error", "items[1]", "max_length 12")
+
+
+# ----------------------------------------------------------------------------- errors
+MATRIX = [
+    # (body, status, type, fragments)
+    ({"items": "abc"}, 422, "validation_error", ["items:"]),
+    ({"items": []}, 422, "validation_error", ["items:", "at least 1"]),
+    ({}, 422, "validation_error", ["items: Field required"]),
+    ([1, 2], 422, "validation_error", ["body:"]),
+    ({"items": [{}]}, 422, "validation_error", ["items[0]:", "exactly one"]),
+    ({"items": [{"text": "a"}, {"text": 5}]}, 422, "validation_error", ["items[1].text"]),
+    (
+        {"items": [{"text": "a"}] * 3 + [{"prompt": "p", "completion": 7}]},
+        422, "validation_error", ["items[3].completion"],
+    ),
+    ({"items": [{"prompt": "p"}]}, 422, "validation_error", ["items[0]:", "together"]),
+    ({"items": [{"text": "a", "prompt": "p", "completion": "c"}]}, 422, "validation_error",
+     ["items[0]:"]),
+    ({"items": [{"text": "a", "score": 1}]}, 422, "validation_error", ["items[0].score", "Extra"]),
+    ({"items": [{"text": "a"}], "extra": 1}, 422, "validation_error", ["extra:"]),
+    ({"items": [{"messages": [{"role": "wizard", "content": "hi"}]}]}, 422, "validation_error",
+     ["items[0].messages[0].role"]),
+    ({"items": [{"messages": [{"role": "user"}]}]}, 422, "validation_error",
+     ["items[0].messages[0].content"]),
+    ({"items": [{"messages": []}]}, 422, "validation_error", ["items[0]:", "empty"]),
+    ({"items": [{"text": "a"}], "label": 3}, 422, "validation_error", ["label"]),
+    ({"items": [{"text": "a"}], "label": "helpfulness"}, 422, "validation_error", ["label"]),
+    ({"items": [{"text": "a"}] * 33}, 413, "too_many_items", ["33 items", "32"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "status", "type_", "fragments"), MATRIX)
+def test_malformed_score_bodies(
+    client: httpx.Client, body: object, status: int, type_: str, fragments: list[str]
+) -> None:
+    assert_error(client.post("/score", json=body), status, type_, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [({"query": "abc"}, ["query"]), ({"query": []}, ["query"]), ({"query": [1]}, ["query[0]"])],
+)
+def test_malformed_get_reward_bodies(
+    client: httpx.Client, body: object, fragments: list[str]
+) -> None:
+    assert_error(client.post("/get_reward", json=body), 422, "validation_error", *fragments)
+
+
+def test_raw_body_errors(client: httpx.Client) -> None:
+    json_header = {"Content-Type": "application/json"}
+    assert_error(
+        client.post("/score", content=b'{"items": [{"text": "\xff\xfe"}]}', headers=json_header),
+        400, "invalid_encoding", "UTF-8",
+    )  # fmt: skip
+    assert_error(
+        client.post("/score", content=b'{"items": [', headers=json_header),
+        400, "invalid_json",
+    )  # fmt: skip
+    assert_error(
+        client.post("/score", content=b'{"items": []}', headers={"Content-Type": "text/plain"}),
+        415, "unsupported_media_type", "text/plain",
+    )  # fmt: skip
+    assert_error(client.post("/score", content=b"{}"), 415, "unsupported_media_type")
+    huge = json.dumps({"items": [{"text": "great " * 40_000}]}).encode()
+    assert_error(client.post("/score", content=huge, headers=json_header), 413, "body_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the actual size is what counts
+        yield b'{"items": [{"text": "'
+        for _ in range(30):
+            yield b"great " * 2_000
+        yield b'"}]}'
+
+    with httpx.Client(base_url=str(client.base_url)) as fresh:  # 413 closes the connection
+        assert_error(
+            fresh.post("/score", content=chunks(), headers=json_header), 413, "body_too_large"
+        )
+    assert_error(client.get("/score"), 405, "method_not_allowed")
+    assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_huge_text_under_the_body_limit_is_truncated_not_rejected(client: httpx.Client) -> None:
+    result = score(client, [{"text": "the plot was dull . " * 2_000}, {"text": "great"}])
+    assert result.truncated == [True, False]
+    assert result.num_tokens[0] == 256
+
+
+def test_errors_are_counted_in_metrics(service: str, client: httpx.Client) -> None:
+    before = metric(service, 'reward_errors_total{type="validation_error"}')
+    client.post("/score", json={"items": []})
+    assert metric(service, 'reward_errors_total{type="validation_error"}') == before + 1
+    assert metric(service, 'reward_requests_total{route="/score",status="422"}') >= 1
+
+
+# ----------------------------------------------------------------------------- auth
+def test_api_key_guards_scoring_routes_and_info(
+    reward_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = ServiceSettings(model=str(reward_path), api_key=API_KEY)
+    body = {"items": [{"text": SECRET_TEXT}]}
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        wait_ready(url)
+        for method, path, payload in [
+            ("POST", "/score", body),
+            ("POST", "/get_reward", {"query": [SECRET_TEXT]}),
+            ("GET", "/info", None),
+        ]:
+            missing = c.request(method, path, json=payload)
+            assert_error(missing, 401, "unauthorized", "API key")
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = c.request(method, path, json=payload, headers={"X-API-Key": API_KEY + "x"})
+            assert_error(wrong, 401, "unauthorized")
+            not_bearer = c.request(method, path, json=payload, headers={"Authorization": API_KEY})
+            assert_error(not_bearer, 401, "unauthorized")
+            bearer = {"Authorization": f"Bearer {API_KEY}"}
+            assert c.request(method, path, json=payload, headers=bearer).status_code == 200
+            x_api_key = {"X-API-Key": API_KEY}
+            assert c.request(method, path, json=payload, headers=x_api_key).status_code == 200
+        for path in ("/health", "/ready", "/metrics"):
+            assert c.get(path).status_code == 200
+        # Auth is checked before the body: a bad body without a key is still a 401.
+        assert_error(c.post("/score", content=b"garbage"), 401, "unauthorized")
+    assert caplog.records, "expected some log records"
+    assert API_KEY not in caplog.text and SECRET_TEXT not in caplog.text
+    assert API_KEY not in repr(settings)
+
+
+# ----------------------------------------------------------------------------- lifecycle
+def test_ready_is_503_until_loaded_and_warmed_up(reward_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow_loader(settings: ServiceSettings) -> Scorer:
+        gate.wait(timeout=30)  # fault injection: a model that takes long to load
+        return Scorer.load(settings)
+
+    settings = ServiceSettings(model=str(reward_path))
+    with serve(create_app(settings, loader=slow_loader)) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/health").status_code == 200
+        assert_error(c.get("/ready"), 503, "loading")
+        assert_error(c.post("/score", json={"items": [{"text": "a"}]}), 503, "loading")
+        assert_error(c.get("/info"), 503, "loading")
+        gate.set()
+        wait_ready(url)
+        assert c.post("/score", json={"items": [{"text": "a"}]}).status_code == 200
+
+
+def test_failed_load_is_reported_by_health_and_ready(tmp_path: Path) -> None:
+    settings = ServiceSettings(model=str(tmp_path / "no-model-here"))
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_error(c.get("/health"), 503, "load_failed", "no-model-here")
+        assert_error(c.get("/ready"), 503, "load_failed")
+
+
+def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Path) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def loader(settings: ServiceSettings) -> Scorer:
+        scorer = Scorer.load(settings)
+        forward = scorer.forward
+
+        def blocking_forward(seqs: list[list[int]]) -> torch.Tensor:
+            if len(seqs) == 4:  # fault injection: this forward pass hangs until released
+                entered.set()
+                release.wait(timeout=30)
+            return forward(seqs)
+
+        scorer.forward = blocking_forward  # type: ignore[method-assign]
+        return scorer
+
+    settings = ServiceSettings(
+        model=str(reward_path), max_queue_items=4, max_items_per_request=4, max_wait_ms=0
+    )
+    four = {"items": [{"text": f"the movie was great {i}"} for i in range(4)]}
+    app = create_app(settings, loader=loader)
+    with serve(app) as url:
+        wait_ready(url)
+
+        async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                first = asyncio.create_task(http.post("/score", json=four))
+                await asyncio.to_thread(entered.wait, 10)  # first batch is in the forward
+                second = asyncio.create_task(http.post("/score", json=four))  # fills the queue
+                while metric(url, "reward_queue_depth") < 4:
+                    await asyncio.sleep(0.01)
+                third = await http.post("/score", json={"items": [{"text": "one more"}]})
+                release.set()
+                return await first, await second, third
+
+        first, second, third = asyncio.run(run())
+        assert first.status_code == 200 and second.status_code == 200
+        assert_error(third, 429, "queue_full")
+        assert int(third.headers["retry-after"]) >= 1
+        httpx.post(f"{url}/score", json=four)  # the queue drained: accepted again
+        app.state.service.draining = True  # what SIGTERM does (see the next test)
+        assert_error(httpx.get(f"{url}/ready"), 503, "draining")
+        assert_error(httpx.post(f"{url}/score", json=four), 503, "draining")
+
+
+def test_sigterm_marks_draining_before_uvicorn_stops() -> None:
+    state = ServiceState(settings=ServiceSettings(model="m"), metrics=ServiceMetrics())
+    server = _Server(uvicorn.Config(app=None), state)  # type: ignore[arg-type]
+    server.handle_exit(signal.SIGTERM, None)
+    assert state.draining and server.should_exit
+
+
+@pytest.fixture(scope="module")
+def multilabel_path(reward_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-label head on the demo architecture (random weights), saved like a real model."""
+    from transformers import AutoConfig
+
+    out = tmp_path_factory.mktemp("multilabel")
+    config = AutoConfig.from_pretrained(reward_path)
+    config.num_labels = 3
+    config.id2label = {0: "helpful", 1: "harmless", 2: "honest"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(reward_path).save_pretrained(out)
+    return out
+
+
+def test_multi_label_heads(multilabel_path: Path, texts: list[str]) -> None:
+    ref = Reference(multilabel_path)
+    expected = [ref.logits_of_ids(ref.ids(t)) for t in texts[:4]]
+    items = [{"text": t} for t in texts[:4]]
+    settings = ServiceSettings(model=str(multilabel_path), score_label="harmless")
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        wait_ready(url)
+        info = InfoResponse.model_validate(c.get("/info").json())
+        default = score(c, items)
+        by_index = score(c, items, label=2, return_logits=True)
+        by_name = score(c, items, label="honest")
+        rewards = c.post("/get_reward", json={"query": texts[:4]}).json()["rewards"]
+        assert_error(c.post("/score", json={"items": items, "label": 3}), 422, "validation_error")
+    assert (info.num_labels, info.score_label) == (3, 1)
+    assert info.id2label == {0: "helpful", 1: "harmless", 2: "honest"}
+    assert default.scores == pytest.approx([e[1] for e in expected], abs=1e-5)
+    assert rewards == pytest.approx(default.scores, abs=1e-6)
+    assert by_index.scores == pytest.approx([e[2] for e in expected], abs=1e-5)
+    assert by_name.scores == by_index.scores
+    assert by_index.logits is not None
+    for got, want in zip(by_index.logits, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the CLI process
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reward_service", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "--model"),
+        (["--model", "m", "--max-batch-size", "0"], "--max-batch-size"),
+        (["--model", "m", "--truncation-side", "middle"], "truncation-side"),
+        (["--model", "./missing-dir"], "no such directory: './missing-dir'"),
+    ],
+)
+def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) -> None:
+    proc = _cli(*args)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert fragment in out
+
+
+def test_cli_serves_with_env_settings_and_sigterm_drains_in_flight_requests(
+    reward_path: Path,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli(
+        "--model", str(reward_path), "--port", str(port), "--max-batch-size", "16",
+        env={"REWARD_MAX_BATCH_SIZE": "8", "REWARD_MAX_WAIT_MS": "1", "REWARD_LOG_LEVEL": "info"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        info = httpx.get(f"{url}/info").json()
+        assert info["max_batch_size"] == 16  # the flag wins over the environment
+        long_items = [{"text": "the plot was dull and the music was lovely . " * 20}] * 64
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                tasks = [
+                    asyncio.create_task(http.post("/score", json={"items": long_items}))
+                    for _ in range(3)
+                ]
+                while metric(url, "reward_batches_total") < 2:  # scoring has started
+                    await asyncio.sleep(0.01)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(run())
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(len(r.json()["scores"]) == 64 for r in responses)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert "Shutting down" in out and "ready: model" in out
+    assert "the plot was dull" not in out  # request texts never reach the log
