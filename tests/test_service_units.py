@@ -1,0 +1,176 @@
+"""Parts of the reward service on their own: truncation, padding, batch planning, error
+formatting, settings, and the batcher's queue driving the real demo model without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from common.demo_models import ensure_demo_models, generate_corpus
+from common.schemas import ScoreRequest
+from reward_service.batcher import Batcher, Draining, QueueFull, plan_batches
+from reward_service.errors import format_loc, from_validation_error
+from reward_service.metrics import ServiceMetrics
+from reward_service.scorer import Scorer, pad_right, truncate
+from reward_service.settings import ServiceSettings
+
+
+@pytest.mark.parametrize(
+    ("side", "head", "tail", "expected"),
+    [
+        ("left", 0, 0, [6, 7, 8, 9]),
+        ("right", 0, 0, [1, 2, 3, 4]),
+        ("left", 1, 0, [1, 7, 8, 9]),  # BOS kept, the end kept
+        ("right", 1, 1, [1, 2, 3, 9]),  # BOS and a trailing special kept
+        ("left", 1, 1, [1, 7, 8, 9]),
+    ],
+)
+def test_truncate(side: str, head: int, tail: int, expected: list[int]) -> None:
+    ids = list(range(1, 10))
+    assert truncate(ids, 4, side, head, tail) == expected  # type: ignore[arg-type]
+    assert truncate(ids, 9, side, head, tail) == ids  # type: ignore[arg-type]
+
+
+def test_truncate_needs_room_for_content() -> None:
+    with pytest.raises(ValueError, match="no room"):
+        truncate(list(range(10)), 2, "left", 1, 1)
+
+
+def test_pad_right() -> None:
+    input_ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert input_ids.dtype == torch.long
+
+
+def test_plan_batches_sorts_by_length_and_respects_limits() -> None:
+    lengths = [50, 3, 40, 4, 5, 41, 2, 6]
+    batches = plan_batches(lengths, max_batch_size=3, max_batch_tokens=1000)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 for b in batches)
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[2, 3, 4], [5, 6, 40], [41, 50]]
+    by_tokens = plan_batches(lengths, max_batch_size=8, max_batch_tokens=100)
+    for b in by_tokens:
+        assert len(b) * max(lengths[i] for i in b) <= 100 or len(b) == 1
+    # An item over the token budget still gets a batch of its own.
+    assert plan_batches([500, 1], max_batch_size=8, max_batch_tokens=100) == [[1], [0]]
+
+
+def test_plan_batches_evens_out_sizes() -> None:
+    sizes = [len(b) for b in plan_batches([10] * 100, max_batch_size=64, max_batch_tokens=10**6)]
+    assert sizes == [50, 50]
+
+
+def test_format_loc_and_validation_messages() -> None:
+    assert format_loc(("items", 3, "completion")) == "items[3].completion"
+    assert format_loc(()) == "body"
+    with pytest.raises(ValidationError) as info:
+        ScoreRequest.model_validate_json('{"items": [{"text": "a"}, {"text": 1}]}')
+    error = from_validation_error(info.value)
+    assert (error.status, error.type) == (422, "validation_error")
+    assert error.message.startswith("items[1].text: ")
+    with pytest.raises(ValidationError) as info:
+        ScoreRequest.model_validate_json("{not json")
+    assert (from_validation_error(info.value).status, from_validation_error(info.value).type) == (
+        400, "invalid_json",
+    )  # fmt: skip
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REWARD_MODEL", "/models/rm")
+    monkeypatch.setenv("REWARD_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("REWARD_API_KEY", "hunter2-key")
+    monkeypatch.setenv("REWARD_TRUNCATION_SIDE", "right")
+    settings = ServiceSettings()
+    assert (settings.model, settings.max_batch_size, settings.truncation_side) == (
+        "/models/rm", 7, "right",
+    )  # fmt: skip
+    assert settings.tokenizer is None and settings.host == "127.0.0.1"
+    assert settings.api_key is not None and "hunter2" not in repr(settings)
+    monkeypatch.setenv("REWARD_TRUNCATION_SIDE", "middle")
+    with pytest.raises(ValidationError, match="truncation_side"):
+        ServiceSettings()
+    with pytest.raises(ValidationError, match="max_queue_items"):
+        ServiceSettings(max_items_per_request=10, max_queue_items=5)
+
+
+@pytest.fixture(scope="module")
+def scorer(request: pytest.FixtureRequest) -> Scorer:
+    try:
+        demo = request.getfixturevalue("demo_models")
+    except pytest.FixtureLookupError:
+        demo = ensure_demo_models()
+    return Scorer.load(ServiceSettings(model=str(demo.reward)))
+
+
+def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer: Scorer) -> None:
+    metrics = ServiceMetrics()
+    texts = generate_corpus(30, seed=3)
+    requests = [scorer.encode(texts[i : i + i % 3 + 1]).ids for i in range(12)]
+
+    async def run() -> list[list[list[float]]]:
+        batcher = Batcher(
+            scorer.forward, metrics, max_batch_size=8, max_batch_tokens=1000, max_wait_s=0.0,
+            max_queue_items=100,
+        )  # fmt: skip
+        results = await asyncio.gather(*(batcher.score(r) for r in requests))
+        await batcher.close(timeout_s=5)
+        return results
+
+    results = asyncio.run(run())
+    for seqs, rows in zip(requests, results, strict=True):
+        expected = [scorer.forward([s])[0].tolist() for s in seqs]
+        assert len(rows) == len(seqs)
+        for got, want in zip(rows, expected, strict=True):
+            assert got == pytest.approx(want, abs=1e-5)
+    assert metrics.items_scored._value.get() == sum(len(r) for r in requests)
+    assert metrics.batches._value.get() < 12  # 12 concurrent requests shared passes
+
+
+def test_batcher_queue_limit_and_draining(scorer: Scorer) -> None:
+    ids = scorer.encode(["the movie was great .", "dull", "the end"]).ids
+
+    async def run() -> None:
+        batcher = Batcher(
+            scorer.forward, ServiceMetrics(), max_batch_size=4, max_batch_tokens=1000,
+            max_wait_s=0.0, max_queue_items=3,
+        )  # fmt: skip
+        first = asyncio.ensure_future(batcher.score(ids))
+        await asyncio.sleep(0)  # queued, not yet taken
+        with pytest.raises(QueueFull) as info:
+            await batcher.score(ids[:1])
+        assert info.value.retry_after_s >= 1
+        assert len(await first) == 3
+        closing = asyncio.ensure_future(batcher.close(timeout_s=5))
+        await asyncio.sleep(0)  # close() has begun
+        with pytest.raises(Draining):
+            await batcher.score(ids[:1])
+        await closing
+
+    asyncio.run(run())
+
+
+def test_batcher_reports_a_failed_forward_to_its_requests_only(scorer: Scorer) -> None:
+    bad_ids, good_ids = scorer.encode(["the plot was awful .", "great"]).ids
+
+    def failing(seqs: list[list[int]]) -> torch.Tensor:
+        if bad_ids in seqs:  # fault injection: this batch's forward pass crashes
+            raise RuntimeError("bad batch")
+        return scorer.forward(seqs)
+
+    async def run() -> None:
+        batcher = Batcher(
+            failing, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
+            max_wait_s=0.0, max_queue_items=10,
+        )  # fmt: skip
+        bad, good = await asyncio.gather(
+            batcher.score([bad_ids]), batcher.score([good_ids]), return_exceptions=True
+        )
+        assert isinstance(bad, RuntimeError)
+        assert good == [scorer.forward([good_ids])[0].tolist()]
+        await batcher.close(timeout_s=5)
+
+    asyncio.run(run())
