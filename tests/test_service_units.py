@@ -93,6 +93,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REWARD_TRUNCATION_SIDE", "middle")
     with pytest.raises(ValidationError, match="truncation_side"):
         ServiceSettings()
+    monkeypatch.delenv("REWARD_TRUNCATION_SIDE")
     with pytest.raises(ValidationError, match="max_queue_items"):
         ServiceSettings(max_items_per_request=10, max_queue_items=5)
 
