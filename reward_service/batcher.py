@@ -2,7 +2,7 @@
 
 Requests put their tokenized items on the queue and await a future. A single asyncio worker
 forms micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` from items of any
-request, grouped by length, and runs each forward in a dedicated thread, so the event loop keeps
+request, sorted by length, and runs each forward in a dedicated thread, so the event loop keeps
 accepting and parsing requests meanwhile.
 """
 
@@ -23,7 +23,7 @@ from reward_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
-# Oldest items looked at per round, in batches: enough to group similar lengths.
+# Items taken per round, in batches: enough to group similar lengths, few enough to answer soon.
 _POOL_BATCHES = 4
 
 
@@ -85,11 +85,12 @@ class _Job:
 class Batcher:
     """Queue + worker. Create and use it inside the running event loop.
 
-    Each round looks at the oldest queued items (a pool of a few batches), sorts them by length,
-    splits them into micro-batches and runs the one that holds the oldest item: similar lengths
-    share a batch (little padding) and nothing waits behind newer items (no starvation). The
-    rest stays queued for the next round, so a round is one forward pass and the requests it
-    completes are answered at once while the next one runs.
+    Each round takes the oldest queued items (at most a few batches: the pool), sorts them by
+    length, splits them into even micro-batches (:func:`plan_batches`) and runs them one after
+    another; a request is answered as soon as its last item is scored. Before a round the worker
+    waits (at most ``max_wait_s``) for the requests it expects: those whose answers the previous
+    round sent, since under load their clients send the next one right away. A lone client is
+    never delayed: it is expected back only after it has been answered.
     """
 
     def __init__(
@@ -108,11 +109,12 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
+        self._pool_limit = max_batch_size * _POOL_BATCHES
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
         self._wake = asyncio.Event()
         self._closing = False
         self._items_per_s = 0.0
-        self._last_round = 1  # items run by the previous round
+        self._expected = 1  # items the next round should wait for
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -158,16 +160,18 @@ class Batcher:
                 await self._wake.wait()
                 continue
             await self._collect()
-            batch = self._take()
-            if batch:
-                await self._score(loop, batch)
+            pool = self._take()
+            returning = 0
+            for batch in plan_batches(
+                [len(job.seqs[i]) for job, i in pool], self.max_batch_size, self.max_batch_tokens
+            ):
+                returning += await self._score(loop, [pool[k] for k in batch])
+            self._expected = len(self._queue) + returning
 
     async def _collect(self) -> None:
-        """Wait (at most max_wait from the oldest queued item) until as many items are queued
-        as the previous round ran: under steady load the clients answered by that round are
-        about to send again, while a lone client (previous round: 1 item) is never delayed."""
+        """Wait, at most max_wait from the oldest queued item, until the expected items are in."""
         deadline = self._queue[0][0].enqueued_at + self.max_wait_s
-        target = min(self.max_batch_size, self._last_round)
+        target = min(self._pool_limit, self._expected)
         while len(self._queue) < target and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -180,32 +184,22 @@ class Batcher:
                 return
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """Remove and return the next micro-batch: the length class of the oldest item."""
+        """Remove and return the oldest queued items, at most a pool."""
         pool: list[tuple[_Job, int]] = []
-        limit = self.max_batch_size * _POOL_BATCHES
-        while self._queue and len(pool) < limit:
-            item = self._queue.popleft()
-            if not item[0].future.done():  # else its handler is gone: skip the work
-                pool.append(item)
-        if not pool:
-            self._metrics.queue_depth.set(len(self._queue))
-            return []
-        lengths = [len(job.seqs[i]) for job, i in pool]
-        batches = plan_batches(lengths, self.max_batch_size, self.max_batch_tokens)
-        chosen = next(b for b in batches if 0 in b)  # pool[0] is the oldest item
-        keep = set(chosen)
-        self._queue.extendleft(reversed([x for k, x in enumerate(pool) if k not in keep]))
-        self._metrics.queue_depth.set(len(self._queue))
-        batch = [pool[k] for k in chosen]
         now = time.perf_counter()
-        for job, _ in batch:
+        while self._queue and len(pool) < self._pool_limit:
+            job, i = self._queue.popleft()
+            if job.future.done():  # its handler is gone: skip the work
+                continue
             if not job.started:
                 job.started = True
                 self._metrics.queue_wait_seconds.observe(now - job.enqueued_at)
-        self._last_round = len(batch)
-        return batch
+            pool.append((job, i))
+        self._metrics.queue_depth.set(len(self._queue))
+        return pool
 
-    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int]]) -> None:
+    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int]]) -> int:
+        """Run one micro-batch; returns how many items the requests it completed had."""
         seqs = [job.seqs[i] for job, i in batch]
         start = time.perf_counter()
         try:
@@ -215,16 +209,19 @@ class Batcher:
             for job, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
-            return
+            return 0
         seconds = time.perf_counter() - start
         lengths = [len(s) for s in seqs]
         self._metrics.observe_batch(len(seqs), sum(lengths), len(seqs) * max(lengths), seconds)
         self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(seqs) / max(seconds, 1e-6)
+        completed = 0
         for (job, i), row in zip(batch, logits.tolist(), strict=True):
             job.results[i] = row
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.results)
+                completed += len(job.seqs)
+        return completed
 
     def _retry_after(self) -> int:
         """Seconds until the current queue is likely worked off (1..60)."""

@@ -1,0 +1,470 @@
+"""Reward service benchmark: batched service vs in-process limit vs naive per-request endpoint.
+
+For the built-in demo reward model and a ~10x larger random model of the same architecture,
+in one run, on the same texts:
+
+(a) in-process: tokenize + length-sorted batched forwards, no HTTP (the limit), over windows of
+    the texts as they are in flight (clients x items per request: all the service can ever
+    batch together); (a*) the same over the whole set sorted at once, for reference;
+(b) the real service (``python -m reward_service``) under N concurrent clients;
+(c) a naive endpoint that scores each request alone as it arrives (OpenRLHF ``serve_rm``
+    pattern: tokenize with padding and run the model inside the async handler);
+plus single-item /score p50 latency against an in-process single-item forward.
+
+The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams, so that it
+measures the servers rather than itself (both servers get the same client). The p50 of the
+project's httpx client is reported as well.
+
+    python bench/bench_service.py [--out bench/results/service.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.demo_models import ensure_demo_models, generate_corpus  # noqa: E402
+from reward_service.batcher import plan_batches  # noqa: E402
+from reward_service.scorer import Scorer  # noqa: E402
+from reward_service.settings import ServiceSettings  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- naive server
+def naive_server(model: str, port: int, num_threads: int) -> None:
+    """The OpenRLHF ``serve_rm`` pattern: each request is tokenized and scored on its own,
+    inside the async handler (so requests are served strictly one after another)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.padding_side = "right"
+    net = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
+    app = FastAPI()
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        texts = [item["text"] for item in (await request.json())["items"]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        with torch.no_grad():
+            scores = net(**batch).logits[:, 0].tolist()
+        return JSONResponse({"scores": scores})
+
+    @app.get("/ready")
+    async def ready() -> dict[str, str]:
+        return {"status": "ready"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ----------------------------------------------------------------------------- HTTP client
+class RawClient:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: POST JSON, read the answer."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.writer.get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+            )
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        if b" 200 " not in status_line:
+            raise RuntimeError(f"{status_line!r}: {payload[:200]!r}")
+        return payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd} not ready in time")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ----------------------------------------------------------------------------- measurements
+def bodies(texts: Sequence[str], per_request: int) -> list[bytes]:
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+    return [json.dumps({"items": [{"text": t} for t in c]}).encode() for c in chunks]
+
+
+async def _throughput(port: int, requests: list[bytes], clients: int) -> float:
+    conns = [RawClient(port) for _ in range(clients)]
+    for conn in conns:  # connect and warm up outside the timed part
+        await conn.post("/score", requests[0])
+    pending = iter(requests)
+
+    async def worker(conn: RawClient) -> None:
+        for body in pending:
+            await conn.post("/score", body)
+
+    start_t = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - start_t
+    for conn in conns:
+        conn.close()
+    return elapsed
+
+
+def http_items_per_s(port: int, texts: Sequence[str], per_request: int, clients: int) -> float:
+    return len(texts) / asyncio.run(_throughput(port, bodies(texts, per_request), clients))
+
+
+def http_p50_ms(port: int, text: str, n: int) -> float:
+    body = json.dumps({"items": [{"text": text}]}).encode()
+
+    async def run() -> list[float]:
+        conn = RawClient(port)
+        out = []
+        for i in range(n + 20):
+            t = time.perf_counter()
+            await conn.post("/score", body)
+            if i >= 20:
+                out.append(time.perf_counter() - t)
+        conn.close()
+        return out
+
+    return statistics.median(asyncio.run(run())) * 1e3
+
+
+def httpx_p50_ms(port: int, text: str, n: int) -> float:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        return p50_ms(lambda: client.post("/score", json={"items": [{"text": text}]}), n)
+
+
+def p50_ms(fn: Callable[[], object], n: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def in_process_items_per_s(
+    scorer: Scorer, texts: Sequence[str], s: ServiceSettings, window: int | None
+) -> float:
+    """Tokenize + forward in-process, no HTTP, in micro-batches under the service's limits.
+
+    ``window``: the texts are taken in order, ``window`` at a time (what is in flight when all
+    clients wait, i.e. all that the service could ever batch together), and each window is
+    length-sorted and split. ``None``: the whole set is length-sorted at once, which no online
+    service can do (shown for reference).
+    """
+    step = window or len(texts)
+
+    def run() -> None:
+        for start in range(0, len(texts), step):
+            ids = scorer.encode(texts[start : start + step]).ids
+            lengths = [len(x) for x in ids]
+            for batch in plan_batches(lengths, s.max_batch_size, s.max_batch_tokens):
+                scorer.forward([ids[i] for i in batch])
+
+    start_t = time.perf_counter()
+    run()
+    return len(texts) / (time.perf_counter() - start_t)
+
+
+# ----------------------------------------------------------------------------- models, texts
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Reviews of 1-3 generated sentences: short and long items mixed, as real batches are."""
+    rng = random.Random(seed)
+    corpus = generate_corpus(3000, seed=seed + 99)
+    return [" ".join(rng.sample(corpus, rng.randint(1, 3))) for _ in range(n)]
+
+
+def make_large_model(base: Path, out: Path) -> Path:
+    """Same architecture as ``base`` at ~10x the parameters, random weights, saved to ``out``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base)
+    config.hidden_size, config.intermediate_size = 160, 480
+    config.num_hidden_layers, config.head_dim = 4, 40
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def n_params(path: Path) -> int:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- main
+def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start both servers; for each request size interleave (a), (a*), (b), (c) ``repeats``
+    times and keep medians (the machine's speed drifts, so side-by-side rounds compare like
+    with like); then the single-item latencies. One row per request size."""
+    texts = make_texts(args.items)
+    flags = ["--num-threads", str(args.num_threads), "--max-batch-size", str(args.max_batch_size)]
+    settings = ServiceSettings(
+        model=str(path), num_threads=args.num_threads, max_batch_size=args.max_batch_size
+    )
+    scorer = Scorer.load(settings)
+    probe = texts[0]
+    params = n_params(path)
+
+    service_port, naive_port = free_port(), free_port()
+    service_cmd = [sys.executable, "-m", "reward_service", "--model", str(path)]
+    naive_cmd = [sys.executable, __file__, "--naive-server", str(path)]
+    service = start([*service_cmd, "--port", str(service_port), "--log-level", "warning", *flags],
+                    service_port)  # fmt: skip
+    try:
+        naive = start([*naive_cmd, "--port", str(naive_port), *flags[:2]], naive_port)
+    except BaseException:
+        stop(service)
+        raise
+    rows = []
+    try:
+        for per_request in args.per_request:
+            window = args.clients * per_request
+            rounds = _throughput_rounds(
+                scorer, settings, texts, per_request, window, service_port, naive_port, args
+            )
+            med = statistics.median
+            rows.append(
+                {
+                    "model": name,
+                    "params": params,
+                    "items": len(texts),
+                    "per_request": per_request,
+                    "inproc_items_per_s": med(rounds["a"]),
+                    "inproc_global_sort_items_per_s": med(rounds["a_global"]),
+                    "service_items_per_s": med(rounds["b"]),
+                    "naive_items_per_s": med(rounds["c"]),
+                    "service_mean_batch": med(rounds["batch"]),
+                    "b_over_a": med(_ratios(rounds["b"], rounds["a"])),
+                    "b_over_a_global": med(_ratios(rounds["b"], rounds["a_global"])),
+                    "b_over_c": med(_ratios(rounds["b"], rounds["c"])),
+                    "a_over_c": med(_ratios(rounds["a"], rounds["c"])),
+                    "rounds": rounds,
+                }
+            )
+        latency: dict[str, list[float]] = {"inproc": [], "service": [], "httpx": [], "naive": []}
+        for _ in range(args.repeats):
+            latency["inproc"].append(
+                p50_ms(lambda: scorer.forward(scorer.encode([probe]).ids), args.latency_n)
+            )
+            latency["service"].append(http_p50_ms(service_port, probe, args.latency_n))
+            latency["httpx"].append(httpx_p50_ms(service_port, probe, args.latency_n))
+            latency["naive"].append(http_p50_ms(naive_port, probe, args.latency_n))
+    finally:
+        stop(service)
+        stop(naive)
+    single = {
+        "inproc_single_p50_ms": statistics.median(latency["inproc"]),
+        "service_single_p50_ms": statistics.median(latency["service"]),
+        "service_single_p50_httpx_ms": statistics.median(latency["httpx"]),
+        "naive_single_p50_ms": statistics.median(latency["naive"]),
+        "single_overhead_ms": statistics.median(
+            _ratios(latency["service"], latency["inproc"], op=float.__sub__)
+        ),
+    }
+    return [{**row, **single} for row in rows]
+
+
+def _throughput_rounds(
+    scorer: Scorer,
+    settings: ServiceSettings,
+    texts: list[str],
+    per_request: int,
+    window: int,
+    service_port: int,
+    naive_port: int,
+    args: argparse.Namespace,
+) -> dict[str, list[float]]:
+    warm = texts[: window * 2]
+    in_process_items_per_s(scorer, warm, settings, window)
+    http_items_per_s(service_port, warm, per_request, args.clients)
+    http_items_per_s(naive_port, warm, per_request, args.clients)
+    rounds: dict[str, list[float]] = {k: [] for k in ("a", "a_global", "b", "c", "batch")}
+    for _ in range(args.repeats):
+        rounds["a"].append(in_process_items_per_s(scorer, texts, settings, window))
+        rounds["a_global"].append(in_process_items_per_s(scorer, texts, settings, None))
+        before = _batch_stats(service_port)
+        rounds["b"].append(http_items_per_s(service_port, texts, per_request, args.clients))
+        after = _batch_stats(service_port)
+        rounds["batch"].append((after[0] - before[0]) / max(after[1] - before[1], 1))
+        rounds["c"].append(http_items_per_s(naive_port, texts, per_request, args.clients))
+    return rounds
+
+
+def _ratios(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    op: Callable[[float, float], float] = float.__truediv__,
+) -> list[float]:
+    return [op(x, y) for x, y in zip(xs, ys, strict=True)]
+
+
+def _batch_stats(port: int) -> tuple[float, float]:
+    """(items, forward passes) so far, from the service's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values.get("reward_batch_size_sum", 0.0), values.get("reward_batch_size_count", 0.0)
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\n{args.clients} concurrent clients, {args.items} texts, torch threads "
+        f"{args.num_threads}, max_batch_size {args.max_batch_size}, medians of {args.repeats} "
+        "interleaved rounds\n"
+    )
+    header = (
+        "| model | params | items/request | (a) in-process | (a*) global sort | (b) service | "
+        "(c) naive | (b)/(a) | (b)/(a*) | (b)/(c) | (a)/(c) | mean batch |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['per_request']} | "
+            f"{r['inproc_items_per_s']:.0f}/s | {r['inproc_global_sort_items_per_s']:.0f}/s | "
+            f"{r['service_items_per_s']:.0f}/s | {r['naive_items_per_s']:.0f}/s | "
+            f"{r['b_over_a']:.2f} | {r['b_over_a_global']:.2f} | {r['b_over_c']:.2f} | "
+            f"{r['a_over_c']:.2f} | {r['service_mean_batch']:.1f} |"
+        )
+    header = (
+        "| model | in-process 1-item p50 | /score 1-item p50 | overhead | /score p50 via httpx | "
+        "naive 1-item p50 |"
+    )
+    print("\n" + header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for r in {r["model"]: r for r in rows}.values():
+        print(
+            f"| {r['model']} | {r['inproc_single_p50_ms']:.2f} ms | "
+            f"{r['service_single_p50_ms']:.2f} ms | {r['single_overhead_ms']:+.2f} ms | "
+            f"{r['service_single_p50_httpx_ms']:.2f} ms | {r['naive_single_p50_ms']:.2f} ms |"
+        )
+    print(
+        "\ntargets: (b)/(a) >= 0.9, (b)/(c) >= 3, overhead <= 2 ms; (a)/(c) is the most any "
+        "batcher could reach for (b)/(c)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
+    parser.add_argument("--items", type=int, default=1024, help="texts scored per measurement")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--per-request", type=int, nargs="+", default=[1, 8], help="items per request (each)"
+    )
+    parser.add_argument("--num-threads", type=int, default=1, help="torch threads (all three)")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs; best is kept")
+    parser.add_argument("--latency-n", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="small run (512 texts, 2 rounds)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=["demo", "large"],
+        default=["demo", "large"],
+        help="demo: the built-in reward model; large: ~10x its parameters, random weights",
+    )
+    parser.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_server:
+        naive_server(args.naive_server, args.port, args.num_threads)
+        return
+    if args.quick:
+        args.items, args.repeats, args.latency_n = 512, 2, 50
+    torch.set_num_threads(args.num_threads)
+
+    demo = ensure_demo_models()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp:
+        models = []
+        if "demo" in args.models:
+            models.append(("demo", demo.reward))
+        if "large" in args.models:
+            models.append(("demo x10", make_large_model(demo.reward, Path(tmp) / "large")))
+        for name, path in models:
+            rows += bench_model(name, path, args)
+            print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "naive_server", "port")}
+    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
