@@ -115,6 +115,7 @@ class Batcher:
         self._closing = False
         self._items_per_s = 0.0
         self._expected = 1  # items the next round should wait for
+        self._round_end = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -167,10 +168,13 @@ class Batcher:
             ):
                 returning += await self._score(loop, [pool[k] for k in batch])
             self._expected = len(self._queue) + returning
+            self._round_end = time.perf_counter()
 
     async def _collect(self) -> None:
-        """Wait, at most max_wait from the oldest queued item, until the expected items are in."""
-        deadline = self._queue[0][0].enqueued_at + self.max_wait_s
+        """Wait until the expected items are in, at most max_wait from when the worker became
+        free or the oldest item arrived, whichever is later (an item that arrived during the
+        previous round still waits for the clients that round answered)."""
+        deadline = max(self._queue[0][0].enqueued_at, self._round_end) + self.max_wait_s
         target = min(self._pool_limit, self._expected)
         while len(self._queue) < target and not self._closing:
             remaining = deadline - time.perf_counter()
