@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1024, help="texts scored per measurement")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument(
-        "--per-request", type=int, nargs="+", default=[1, 8], help="items per request (each)"
+        "--per-request", type=int, nargs="+", default=[1, 8, 32], help="items per request (each)"
     )
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads (all three)")
     parser.add_argument("--max-batch-size", type=int, default=64)
