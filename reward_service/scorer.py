@@ -101,7 +101,8 @@ def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
     else:
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -138,8 +139,8 @@ class Scorer:
         self.dtype = next(model.parameters()).dtype
         text_config = model.config.get_text_config()
         if text_config.pad_token_id is None:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
-            pad = pad if pad is not None else tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id
+            pad = tokenizer.eos_token_id if pad is None else pad
             if pad is None:
                 raise ValueError("neither the model config nor the tokenizer defines a pad token")
             # The head reads the score at the last token that is not pad_token_id.
