@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import yaml
-from trainer.config import OnlineDPOConfig
 from transformers import HfArgumentParser
+
+from trainer.config import OnlineDPOConfig
 
 PROG = "online-dpo"
 
@@ -195,12 +196,12 @@ def run_train(argv: Sequence[str]) -> int:
     """``online-dpo train``: build the trainer from the parsed config, train, save, evaluate."""
     # Parse first: a bad value fails in a second, before the heavy imports.
     script_args, model_args, training_args = parse_train_args(argv)
-    from trainer.trainer import OnlineDPOTrainer
     from transformers import AutoTokenizer
     from transformers.trainer_utils import IntervalStrategy
 
     from trainer.callbacks import MetricsJsonlCallback, RewardCurveCallback
     from trainer.data import load_prompt_dataset
+    from trainer.trainer import OnlineDPOTrainer
 
     evaluating = training_args.eval_strategy != IntervalStrategy.NO
     try:

@@ -1,0 +1,127 @@
+"""Wire types of the reward service HTTP API, shared by the service and its clients."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    """One chat message, as in the OpenAI / Hugging Face chat format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ScoreItem(BaseModel):
+    """One thing to score, in exactly one of three forms.
+
+    - ``{"text": "..."}``: scored as is.
+    - ``{"prompt": "...", "completion": "..."}``: the two strings are concatenated, as TRL does.
+    - ``{"messages": [...]}`` or ``{"prompt": [...messages], "completion": "..."}``: rendered
+      with the reward tokenizer's own chat template on the server.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    prompt: str | list[Message] | None = None
+    completion: str | None = None
+    messages: list[Message] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> ScoreItem:
+        forms = [
+            self.text is not None,
+            self.prompt is not None or self.completion is not None,
+            self.messages is not None,
+        ]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of 'text', 'prompt' + 'completion', or 'messages'")
+        if forms[1] and (self.prompt is None or self.completion is None):
+            raise ValueError("'prompt' and 'completion' must be given together")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("'prompt' as a message list must not be empty")
+        return self
+
+    @property
+    def is_conversational(self) -> bool:
+        return self.messages is not None or isinstance(self.prompt, list)
+
+
+class ScoreRequest(BaseModel):
+    """Body of ``POST /score``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(min_length=1)
+    label: int | str | None = Field(
+        default=None,
+        description=(
+            "For multi-label heads: the label (index or name from the model's id2label) whose "
+            "logit is the score. Defaults to the service's configured label (0)."
+        ),
+    )
+    return_logits: bool = Field(
+        default=False, description="Also return every head logit of every item."
+    )
+
+
+class ScoreResponse(BaseModel):
+    """Body of a successful ``POST /score``: one entry per item, in input order."""
+
+    scores: list[float]
+    num_tokens: list[int]
+    truncated: list[bool]
+    model_id: str
+    weights_hash: str
+    logits: list[list[float]] | None = None
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF-compatible body of ``POST /get_reward``: full texts to score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: list[str] = Field(min_length=1)
+
+
+class GetRewardResponse(BaseModel):
+    """OpenRLHF-compatible response: ``rewards`` and ``scores`` hold the same values."""
+
+    rewards: list[float]
+    scores: list[float]
+
+
+class InfoResponse(BaseModel):
+    """Body of ``GET /info``: what model is served and how requests are batched."""
+
+    model_id: str
+    weights_hash: str
+    dtype: str
+    device: str
+    num_labels: int
+    id2label: dict[int, str]
+    score_label: int
+    max_length: int
+    truncation_side: Literal["left", "right", "error"]
+    max_batch_size: int
+    max_batch_tokens: int
+    max_items_per_request: int
+    has_chat_template: bool
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope of every non-2xx answer."""
+
+    error: ErrorDetail

@@ -1,0 +1,1 @@
+"""Online DPO trainer that scores samples with a reward model served over HTTP."""
