@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,29 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerState, TrainingArguments
 
+from common.demo_models import DemoModels
 from trainer.callbacks import MetricsJsonlCallback, plot_reward_curve, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_KEYS = {
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "objective/scores_margin",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "val/contain_eos_token",
+    "beta",
+    "time/generate",
+    "time/score_wait",
+    "time/forward_backward",
+}
 
 
 class _Regression(torch.nn.Module):
@@ -87,3 +113,30 @@ def test_reward_curve_png(tmp_path: Path) -> None:
     png = plot_reward_curve(metrics, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "trainer", "demo", "--output-dir", str(out),
+            "--max-steps", "3", "--batch-size", "4", "--eval-samples", "1",
+            "--cache-dir", str(demo_models.root.parent),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"mean reward \(reward service\)\s+-?\d+\.\d+\s+-?\d+\.\d+", proc.stdout)
+    assert "before" in proc.stdout and "after" in proc.stdout
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert set(train[-1]) >= TRL_KEYS
+    assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "demo_summary.json").read_text())
+    n_prompts = len(demo_models.eval_prompts.read_text().splitlines())
+    assert len(summary["before"]["samples"]) == len(summary["after"]["samples"]) == n_prompts
+    assert summary["before"]["kl_mean"] == 0.0  # the policy is still the reference
+    assert -1.5 < summary["after"]["reward_mean"] < 1.5

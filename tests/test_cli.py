@@ -1,0 +1,207 @@
+"""The ``online-dpo`` command: YAML + flag precedence, one-line errors, train, build-demo-models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from common.demo_models import DemoModels
+from trainer.callbacks import read_metrics
+from trainer.cli import main, parse_train_args
+from trainer.service_process import running_service
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def run_yaml(tmp_path: Path) -> Path:
+    return write_yaml(
+        tmp_path / "run.yaml",
+        {
+            "model_name_or_path": "some/policy",
+            "dataset_name": "prompts.jsonl",
+            "output_dir": str(tmp_path / "out"),
+            "learning_rate": "2e-4",  # a string, as YAML 1.1 reads 2e-4
+            "max_new_tokens": 16,
+            "temperature": 1.0,
+            "beta": 0.2,
+            "reward_url": "http://127.0.0.1:8000",
+            "report_to": "none",
+            "env": {"ONLINE_DPO_TEST_VAR": "from-yaml"},
+        },
+    )
+
+
+def test_yaml_gives_defaults_and_flags_override(
+    run_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ONLINE_DPO_TEST_VAR", raising=False)
+    script, model, config = parse_train_args(
+        ["--config", str(run_yaml), "--max_new_tokens", "32", "--beta", "0.05", "0.02"]
+    )
+    assert model.model_name_or_path == "some/policy"
+    assert script.dataset_name == "prompts.jsonl"
+    assert config.learning_rate == pytest.approx(2e-4)  # from the YAML, converted to float
+    assert config.temperature == 1.0  # from the YAML
+    assert config.max_new_tokens == 32  # the flag wins over the YAML
+    assert list(config.beta) == [0.05, 0.02]  # the flag wins, as a per-epoch list
+    assert config.top_p == 1.0  # neither: the dataclass default
+    assert os.environ["ONLINE_DPO_TEST_VAR"] == "from-yaml"
+
+
+def test_yaml_single_beta_is_accepted(run_yaml: Path) -> None:
+    _, _, config = parse_train_args(["--config", str(run_yaml)])
+    beta = config.beta if isinstance(config.beta, float) else list(config.beta)
+    assert beta in (0.2, [0.2])
+
+
+def test_flags_alone_work(tmp_path: Path) -> None:
+    script, model, config = parse_train_args(
+        [
+            "--model_name_or_path", "p", "--dataset_name", "d", "--output_dir", str(tmp_path),
+            "--learning_rate", "1e-5", "--reward_url", "http://127.0.0.1:9",
+        ]
+    )  # fmt: skip
+    assert (model.model_name_or_path, script.dataset_name) == ("p", "d")
+    assert config.learning_rate == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "yaml_extra", "expected"),
+    [
+        (["--loss_type", "hinge"], {}, "loss_type"),
+        (["--learning_rate", "fast"], {}, "--learning_rate.*'fast'"),
+        ([], {"learning_rate": "fast"}, "--learning_rate.*'fast'"),
+        ([], {"lerning_rate": 0.1}, "unknown field.*lerning_rate"),
+        (["--no_such_flag", "1"], {}, "unrecognized arguments: --no_such_flag 1"),
+        (["--model_name_or_path", ""], {}, "model_name_or_path is required"),
+    ],
+)
+def test_bad_values_are_one_line_errors(
+    tmp_path: Path,
+    run_yaml: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    yaml_extra: dict,
+    expected: str,
+) -> None:
+    config = yaml.safe_load(run_yaml.read_text()) | yaml_extra
+    path = write_yaml(tmp_path / "bad.yaml", config)
+    assert main(["train", "--config", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("online-dpo: error: ")
+    assert err.count("\n") == 1
+    assert re.search(expected, err), err
+
+
+def test_missing_or_broken_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: No such file" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert main(["train", "--config", str(tmp_path / "list.yaml")]) == 2
+    assert "must be a YAML mapping" in capsys.readouterr().err
+
+
+def test_bad_value_exit_code_and_no_traceback(run_yaml: Path) -> None:
+    proc = run_cli("train", "--config", str(run_yaml), "--loss_type", "hinge")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("online-dpo: error: ") and "hinge" in last
+
+
+TRL_KEYS = {
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "objective/scores_margin",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "val/contain_eos_token",
+    "beta",
+}
+
+
+def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: DemoModels) -> None:
+    out = tmp_path / "run"
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        {
+            "model_name_or_path": str(demo_models.policy),
+            "dataset_name": str(demo_models.train_prompts.parent),  # train + eval files
+            "output_dir": str(out),
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "max_new_tokens": 8,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    )
+    with running_service(demo_models.reward) as url:
+        proc = run_cli("train", "--config", str(config), "--reward_url", url)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = list(read_metrics(out / "metrics.jsonl"))
+    train = [r for r in records if "objective/scores" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert set(train[0]) >= TRL_KEYS
+    assert any("eval_reward_mean" in r for r in records)
+    assert (out / "reward_curve.png").stat().st_size > 0
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(demo_models.policy)
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+
+
+def test_bad_demo_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--max-steps", "0"]) == 2
+    assert capsys.readouterr().err == "online-dpo: error: --max-steps must be >= 1, got 0\n"
+
+
+@pytest.mark.slow
+def test_build_demo_models(tmp_path: Path) -> None:
+    proc = run_cli("build-demo-models", "--out", str(tmp_path / "m"), "--policy-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policy = tmp_path / "m" / "policy"
+    assert f"policy:        {policy}" in proc.stdout
+    AutoModelForCausalLM.from_pretrained(policy)
+    for name in ("reward", "reward_alt"):
+        config = AutoConfig.from_pretrained(tmp_path / "m" / name)
+        assert config.num_labels == 1 and config.architectures == ["LlamaForSequenceClassification"]
+    prompts = (tmp_path / "m" / "data" / "eval_prompts.jsonl").read_text().splitlines()
+    assert prompts and all("prompt" in json.loads(line) for line in prompts)
