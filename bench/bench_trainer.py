@@ -207,6 +207,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--service-threads", type=int, default=1, help="torch threads of the reward service"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -221,7 +224,10 @@ def main() -> None:
     from trainer.service_process import ServiceProcess
 
     models = ensure_demo_models()
-    service = ServiceProcess(models.reward, env={"REWARD_LOG_LEVEL": "warning"})
+    service = ServiceProcess(
+        models.reward,
+        env={"REWARD_LOG_LEVEL": "warning", "REWARD_NUM_THREADS": str(opts.service_threads)},
+    )
     url = service.start()
     runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
     try:

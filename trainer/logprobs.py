@@ -55,9 +55,13 @@ def completion_token_logps(
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-    # The logit at position t predicts token t + 1.
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float()
+    n = completion_ids.shape[1]
+    # Only the logits that predict completion tokens (position t predicts token t + 1): the
+    # LM head never runs over the prompt.
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n + 1
+    ).logits
+    logits = logits[:, :-1].float()
     return token_logps(logits, completion_ids)
 
 
