@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 from trainer.config import OnlineDPOConfig
 
 PROG = "online-dpo"
+DEFAULT_POLICY_STEPS = 500
 
 
 class CliError(Exception):
@@ -270,6 +271,19 @@ def _demo_parser(sub: Any) -> None:
     )
 
 
+def _demo_models_into(out: Path, policy_steps: int) -> Any:
+    """The demo models in ``out``: copied from the cache when built with the default steps."""
+    import shutil
+
+    from common.demo_models import DemoModels, build_demo_models, ensure_demo_models
+
+    if policy_steps != DEFAULT_POLICY_STEPS:
+        return build_demo_models(out, policy_steps=policy_steps)
+    cached = ensure_demo_models()
+    shutil.copytree(cached.root, out, dirs_exist_ok=True)
+    return DemoModels.at(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``online-dpo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -294,16 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build.add_argument(
             "--policy-steps",
             type=int,
-            default=500,
+            default=DEFAULT_POLICY_STEPS,
             help="policy pre-training steps (fewer: faster build, less fluent policy)",
         )
         args = parser.parse_args(argv)
         if args.command == "build-demo-models":
-            from common.demo_models import build_demo_models
-
             if args.policy_steps < 1:
                 raise CliError(f"--policy-steps must be >= 1, got {args.policy_steps}")
-            paths = build_demo_models(args.out, policy_steps=args.policy_steps)
+            paths = _demo_models_into(args.out, args.policy_steps)
             print(f"policy:        {paths.policy}")
             print(f"reward:        {paths.reward}")
             print(f"reward_alt:    {paths.reward_alt}")
