@@ -15,6 +15,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.demo_models import DemoModels
+from tests.support import TRL_METRIC_NAMES
 from trainer.callbacks import read_metrics
 from trainer.cli import main, parse_train_args
 from trainer.service_process import running_service
@@ -136,22 +137,7 @@ def test_bad_value_exit_code_and_no_traceback(run_yaml: Path) -> None:
     assert last.startswith("online-dpo: error: ") and "hinge" in last
 
 
-TRL_KEYS = {
-    "objective/kl",
-    "objective/entropy",
-    "objective/non_score_reward",
-    "objective/rlhf_reward",
-    "objective/scores",
-    "objective/scores_margin",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "val/contain_eos_token",
-    "beta",
-}
+TRL_KEYS = TRL_METRIC_NAMES
 
 
 def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: DemoModels) -> None:

@@ -15,28 +15,11 @@ from datasets import Dataset
 from transformers import Trainer, TrainerState, TrainingArguments
 
 from common.demo_models import DemoModels
+from tests.support import TIMING_NAMES, TRL_METRIC_NAMES
 from trainer.callbacks import MetricsJsonlCallback, plot_reward_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL_KEYS = {
-    "objective/kl",
-    "objective/entropy",
-    "objective/non_score_reward",
-    "objective/rlhf_reward",
-    "objective/scores",
-    "objective/scores_margin",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "val/contain_eos_token",
-    "beta",
-    "time/generate",
-    "time/score_wait",
-    "time/forward_backward",
-}
+TRL_KEYS = TRL_METRIC_NAMES | TIMING_NAMES
 
 
 class _Regression(torch.nn.Module):
