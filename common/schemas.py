@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,6 +14,11 @@ class Message(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+
+
+# Validation stops at the first bad message: a body with millions of bad entries would otherwise
+# take minutes to list them all (the service answers 422 naming the first one).
+MessageList = Annotated[list[Message], Field(fail_fast=True)]
 
 
 class ScoreItem(BaseModel):
@@ -28,9 +33,9 @@ class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = None
-    prompt: str | list[Message] | None = None
+    prompt: str | MessageList | None = None
     completion: str | None = None
-    messages: list[Message] | None = None
+    messages: MessageList | None = None
 
     @model_validator(mode="after")
     def _exactly_one_form(self) -> ScoreItem:
@@ -59,7 +64,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    items: list[ScoreItem] = Field(min_length=1)
+    items: list[ScoreItem] = Field(min_length=1, fail_fast=True)
     label: int | str | None = Field(
         default=None,
         description=(
@@ -88,7 +93,7 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: list[str] = Field(min_length=1)
+    query: list[str] = Field(min_length=1, fail_fast=True)
 
 
 class GetRewardResponse(BaseModel):

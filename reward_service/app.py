@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -14,7 +13,8 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from common.schemas import (
     ErrorResponse,
@@ -28,7 +28,7 @@ from common.schemas import (
 from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, from_validation_error, install_error_handlers
 from reward_service.metrics import ServiceMetrics
-from reward_service.middleware import RequestMetricsMiddleware
+from reward_service.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from reward_service.scorer import Encoded, ItemError, Scorer
 from reward_service.settings import ServiceSettings
 
@@ -39,6 +39,9 @@ _Body = TypeVar("_Body", bound=BaseModel)
 # Bodies above this size are rendered and tokenized in a thread, off the event loop.
 _OFFLOAD_BYTES = 256 * 1024
 _ROUTES = ("/score", "/get_reward", "/health", "/ready", "/info", "/metrics")
+# Open even when an API key is set: probes and scrapers. Everything else (the docs and the
+# OpenAPI schema included) needs the key.
+PUBLIC_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -73,7 +76,9 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     warm-up forward has run.
     """
     state = ServiceState(settings=settings, metrics=ServiceMetrics())
-    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    limit = settings.max_items_per_request
+    score_request = _limited(ScoreRequest, "items", limit)
+    get_reward_request = _limited(GetRewardRequest, "query", limit)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -94,17 +99,18 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     )
     app.state.service = state
     install_error_handlers(app, state.metrics)
+    if settings.api_key is not None:
+        # Outside the routing, so no route (a new one, the docs, a 404 or 405) can skip it.
+        app.add_middleware(
+            ApiKeyMiddleware,
+            key=settings.api_key.get_secret_value(),
+            public=PUBLIC_ROUTES,
+            metrics=state.metrics,
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
 
-    def serving(request: Request) -> tuple[Scorer, Batcher]:
-        """Auth first (401), then availability (503)."""
-        if api_key is not None and not _key_matches(request, api_key):
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                {"WWW-Authenticate": "Bearer"},
-            )
+    def serving() -> tuple[Scorer, Batcher]:
+        """503 while loading or draining."""
         if state.draining:
             raise ApiError(503, "draining", "the service is shutting down")
         if state.scorer is None or state.batcher is None or not state.ready:
@@ -115,16 +121,9 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         request: Request, parse: Callable[[str, Scorer], tuple[Sequence[ScoreItem], Any]]
     ) -> tuple[Scorer, Encoded, list[list[float]], Any]:
         """Shared pipeline of /score and /get_reward: check, parse, tokenize, queue, await."""
-        scorer, batcher = serving(request)
+        scorer, batcher = serving()
         body = await _read_json_body(request, settings.max_body_bytes)
         items, extra = parse(body, scorer)
-        if len(items) > settings.max_items_per_request:
-            raise ApiError(
-                413,
-                "too_many_items",
-                f"{len(items)} items exceed max_items_per_request "
-                f"{settings.max_items_per_request}; split the request",
-            )
         if len(body) > _OFFLOAD_BYTES:
             encoded = await asyncio.to_thread(_prepare, scorer, items)
         else:
@@ -153,7 +152,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     )
     async def score(request: Request) -> Response:
         def parse(body: str, scorer: Scorer) -> tuple[list[ScoreItem], tuple[int, bool]]:
-            req = _parse(ScoreRequest, body)
+            req = _parse(score_request, body)
             try:
                 label = scorer.label_index(req.label)
             except ValueError as exc:
@@ -181,7 +180,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     )
     async def get_reward(request: Request) -> Response:
         def parse(body: str, _: Scorer) -> tuple[list[ScoreItem], None]:
-            req = _parse(GetRewardRequest, body)
+            req = _parse(get_reward_request, body)
             return [ScoreItem(text=q) for q in req.query], None
 
         scorer, _, logits, _ = await score_texts(request, parse)
@@ -205,8 +204,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         return _json({"status": "ready"})
 
     @app.get("/info", response_model=InfoResponse, responses=_ERRORS, summary="Served model")
-    async def info(request: Request) -> Response:
-        scorer, _ = serving(request)
+    async def info() -> Response:
+        scorer, _ = serving()
         return _json(
             InfoResponse(
                 model_id=scorer.model_id,
@@ -229,7 +228,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     async def metrics() -> Response:
         return Response(state.metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, (score_request, get_reward_request))  # type: ignore[method-assign]
     return app
 
 
@@ -258,16 +257,6 @@ async def _load(state: ServiceState, loader: Loader) -> None:
         scorer.model_id, scorer.weights_hash, scorer.dtype, scorer.device, scorer.num_labels,
         scorer.max_length,
     )  # fmt: skip
-
-
-def _key_matches(request: Request, key: bytes) -> bool:
-    supplied = request.headers.get("x-api-key")
-    if supplied is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        supplied = token.strip()
-    return hmac.compare_digest(supplied.encode(), key)  # constant time
 
 
 async def _read_json_body(request: Request, max_bytes: int) -> str:
@@ -300,10 +289,31 @@ async def _read_json_body(request: Request, max_bytes: int) -> str:
         ) from None
 
 
+def _limited(model: type[_Body], field: str, max_items: int) -> type[_Body]:
+    """``model`` whose list ``field`` takes at most ``max_items`` entries.
+
+    pydantic checks the length before validating the entries, so a body with a million items
+    is refused in the time it takes to parse it (see :func:`_parse`)."""
+    info = model.model_fields[field]
+    limited = FieldInfo.merge_field_infos(info, Field(max_length=max_items))
+    return create_model(model.__name__, __base__=model, **{field: (info.annotation, limited)})
+
+
 def _parse(model: type[_Body], body: str) -> _Body:
+    """Validate ``body``; 413 when a list field is over its limit, 422/400 otherwise."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        too_long = [e for e in errors if e["type"] == "too_long" and len(e["loc"]) == 1]
+        if too_long:
+            ctx = too_long[0]["ctx"]
+            raise ApiError(
+                413,
+                "too_many_items",
+                f"{ctx['actual_length']} items exceed max_items_per_request "
+                f"{ctx['max_length']}; split the request",
+            ) from None
         raise from_validation_error(exc) from None
 
 
@@ -325,14 +335,14 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _openapi(app: FastAPI, requests: Sequence[type[BaseModel]]) -> dict[str, Any]:
     """FastAPI's schema plus the request models that the routes validate by hand."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ScoreRequest, GetRewardRequest):
+        for model in requests:
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

@@ -17,6 +17,7 @@ from reward_service.metrics import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED_ERRORS = 5
+_MAX_NAME = 40
 _STATUS_TYPES = {
     400: "bad_request",
     401: "unauthorized",
@@ -52,13 +53,17 @@ def error_response(
 
 
 def format_loc(loc: Sequence[int | str]) -> str:
-    """``("items", 3, "completion")`` -> ``"items[3].completion"``; ``()`` -> ``"body"``."""
+    """``("items", 3, "completion")`` -> ``"items[3].completion"``; ``()`` -> ``"body"``.
+
+    Names longer than 40 characters (unknown keys come from the client) are cut, so an error
+    message never echoes a large part of the body."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            name = part if len(part) <= _MAX_NAME else part[:_MAX_NAME] + "..."
+            out += f".{name}" if out else name
     return out or "body"
 
 

@@ -1,11 +1,13 @@
-"""Pure ASGI middleware: per-route request metrics, and a 500 envelope for unexpected errors."""
+"""Pure ASGI middleware: API key check, per-route request metrics, and a 500 envelope for
+unexpected errors."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,3 +57,40 @@ class RequestMetricsMiddleware:
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
+class ApiKeyMiddleware:
+    """401 for every HTTP request without the key, except on the ``public`` paths.
+
+    The key comes as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. It runs before
+    routing, so unknown paths and wrong methods are 401 too (nothing is revealed without it).
+    """
+
+    def __init__(self, app: ASGIApp, key: str, public: Set[str], metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.public = public
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        self.metrics.errors.labels("unauthorized").inc()
+        response = error_response(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])  # lower-case names (ASGI)
+        supplied = headers.get(b"x-api-key")
+        if supplied is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            supplied = token.strip()
+        return hmac.compare_digest(supplied, self.key)  # constant time
