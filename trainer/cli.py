@@ -11,6 +11,7 @@ sets environment variables. Also runs as ``python -m trainer`` and under
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -197,6 +198,7 @@ def run_train(argv: Sequence[str]) -> int:
     """``online-dpo train``: build the trainer from the parsed config, train, save, evaluate."""
     # Parse first: a bad value fails in a second, before the heavy imports.
     script_args, model_args, training_args = parse_train_args(argv)
+    _configure_logging()
     from transformers import AutoTokenizer
     from transformers.trainer_utils import IntervalStrategy
 
@@ -269,6 +271,15 @@ def _demo_parser(sub: Any) -> None:
             "the reward before/after",
         )
     )
+
+
+def _configure_logging() -> None:
+    """Our loggers (reward model identity, redeploy events, retries) at INFO on stderr; the
+    per-request lines of httpx stay quiet."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("trainer", "common"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _demo_models_into(out: Path, policy_steps: int) -> Any:
