@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("trl", "ours")
+IMPLS = ("trl", "ours", "ours-async")
+LABELS = {"trl": "TRL 1.16", "ours": "ours (sync)", "ours-async": "ours (async)"}
 TARGETS = {"step_time_ratio": 0.8, "rss_ratio": 1.0}
 # What our trainer logs per step, to show where its time goes.
 TIMING_KEYS = ("time/generate", "time/score_wait", "time/forward_backward")
@@ -108,9 +109,15 @@ def run_worker(opts: argparse.Namespace) -> None:
             from trainer.config import OnlineDPOConfig
             from trainer.trainer import OnlineDPOTrainer
 
+            config = OnlineDPOConfig(
+                **kwargs,
+                beta=0.1,
+                reward_url=opts.url,
+                async_generation=opts.worker == "ours-async",
+            )
             trainer = OnlineDPOTrainer(
                 model=policy,
-                args=OnlineDPOConfig(**kwargs, beta=0.1, reward_url=opts.url),
+                args=config,
                 processing_class=tokenizer,
                 train_dataset=dataset,
                 callbacks=[clock],
@@ -175,27 +182,37 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(results: dict[str, Any]) -> str:
-    trl, ours = results["trl"], results["ours"]
+    service_rss = results["service_peak_rss_mb"]
     rows = [
-        ("step time, mean (s)", trl["step_time_mean_s"], ours["step_time_mean_s"]),
-        ("step time, median (s)", trl["step_time_median_s"], ours["step_time_median_s"]),
-        ("trainer peak RSS (MiB)", trl["peak_rss_mb"], ours["peak_rss_mb"]),
+        ("step time, mean (s)", lambda r, i: r["step_time_mean_s"]),
+        ("step time, median (s)", lambda r, i: r["step_time_median_s"]),
+        ("trainer peak RSS (MiB)", lambda r, i: r["peak_rss_mb"]),
         (
             "trainer + service peak RSS (MiB)",
-            trl["peak_rss_mb"],
-            ours["peak_rss_mb"] + results["service_peak_rss_mb"],
+            lambda r, i: r["peak_rss_mb"] + (service_rss if i != "trl" else 0.0),
         ),
-        ("objective/scores, last 5 steps", trl["final_scores"], ours["final_scores"]),
+        ("objective/scores, last 5 steps", lambda r, i: r["final_scores"]),
     ]
-    lines = [f"{'':34} {'TRL 1.16 in-process':>20} {'ours over HTTP':>15} {'ratio':>7}"]
-    for name, a, b in rows:
-        lines.append(f"{name:34} {a:20.3f} {b:15.3f} {b / a:7.2f}")
-    for key, value in ours.get("timing_s", {}).items():
-        lines.append(f"  ours {key:28} {'':20} {value:15.3f}")
+    head = "".join(f"{LABELS[i]:>14}" for i in IMPLS)
+    lines = [f"{'':34}{head}{'sync/TRL':>10}{'async/TRL':>10}"]
+    for name, get in rows:
+        values = {i: get(results[i], i) for i in IMPLS}
+        cells = "".join(f"{values[i]:14.3f}" for i in IMPLS)
+        lines.append(
+            f"{name:34}{cells}{values['ours'] / values['trl']:10.2f}"
+            f"{values['ours-async'] / values['trl']:10.2f}"
+        )
+    for key in TIMING_KEYS:
+        cells = "".join(
+            f"{results[i].get('timing_s', {}).get(key, float('nan')):14.3f}" for i in IMPLS
+        )
+        lines.append(f"  {key:32}{cells}")
     ratios = results["ratios"]
     for key, target in TARGETS.items():
-        verdict = "met" if ratios[key] <= target else "MISSED"
-        lines.append(f"{key}: {ratios[key]:.2f} (target <= {target}) {verdict}")
+        for mode in ("sync", "async"):
+            value = ratios[f"{key}_{mode}"]
+            verdict = "met" if value <= target else "MISSED"
+            lines.append(f"{key} ({mode}): {value:.2f} (target <= {target}) {verdict}")
     return "\n".join(lines)
 
 
@@ -246,12 +263,17 @@ def main() -> None:
         service.stop()
     results: dict[str, Any] = {impl: _summary(runs[impl]) for impl in IMPLS}
     results["service_peak_rss_mb"] = service_rss
-    results["ratios"] = {
-        "step_time_ratio": results["ours"]["step_time_mean_s"] / results["trl"]["step_time_mean_s"],
-        "rss_ratio": results["ours"]["peak_rss_mb"] / results["trl"]["peak_rss_mb"],
-        "rss_ratio_with_service": (results["ours"]["peak_rss_mb"] + service_rss)
-        / results["trl"]["peak_rss_mb"],
-    }
+    trl = results["trl"]
+    results["ratios"] = {}
+    for mode, impl in (("sync", "ours"), ("async", "ours-async")):
+        ours = results[impl]
+        results["ratios"][f"step_time_ratio_{mode}"] = (
+            ours["step_time_mean_s"] / trl["step_time_mean_s"]
+        )
+        results["ratios"][f"rss_ratio_{mode}"] = ours["peak_rss_mb"] / trl["peak_rss_mb"]
+        results["ratios"][f"rss_ratio_with_service_{mode}"] = (
+            ours["peak_rss_mb"] + service_rss
+        ) / trl["peak_rss_mb"]
     results["targets"] = TARGETS
     results["runs"] = runs
     results["config"] = {
