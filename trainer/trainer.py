@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import defaultdict, deque
@@ -33,6 +35,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from common.client import split_urls
 from trainer.config import OnlineDPOConfig
@@ -51,6 +54,8 @@ from trainer.scoring import RewardScorer, score_items
 logger = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"
+# Checkpoints are written here and renamed into place when complete (see _save_checkpoint).
+STAGING_DIR = ".checkpoint-staging"
 
 
 @dataclass
@@ -331,7 +336,9 @@ class OnlineDPOTrainer(Trainer):
         else:  # first step, new epoch or resumed run: nothing was prefetched
             self._cancel_pending()
             batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        upcoming: list = []
+        if self.state.global_step + 1 < self.state.max_steps:  # no rollout past the last step
+            upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._lookahead = (epoch_iterator, upcoming)
         snapshot = self._snapshot_weights()
         for batch in (batches if not self._pending else []) + upcoming:
@@ -362,6 +369,45 @@ class OnlineDPOTrainer(Trainer):
             future.cancel()
         self._pending.clear()
         self._lookahead = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written atomically: every rank writes into
+        ``OUTPUT_DIR/.checkpoint-staging/checkpoint-N``, which is renamed to
+        ``OUTPUT_DIR/checkpoint-N`` once complete and synced. A crash mid-save leaves the
+        previous checkpoint as the newest one (``transformers`` writes in place)."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a crashed save left
+        self.accelerator.wait_for_everyone()
+        # Trainer derives the checkpoint path from _get_output_dir; point it at the staging
+        # area for the duration (rotation there is a no-op: it holds one checkpoint).
+        self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            _fsync_tree(staged)
+            if os.path.isdir(final):  # the same step saved again
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            _fsync_tree(run_dir, files=False)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -512,3 +558,22 @@ class OnlineDPOTrainer(Trainer):
         contain_eos = (eos & mask.bool()).any(-1).float()
         kl = masked_sum(logps - ref_logps, mask)
         return mine.scores.result(), theirs.scores.result(), kl, contain_eos
+
+
+def _fsync_tree(root: str, files: bool = True) -> None:
+    """Flush ``root`` (its files too, with ``files``) to disk, so a renamed checkpoint
+    survives a machine crash, not only a process crash."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames if files else ():
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not files:
+            break
