@@ -1,0 +1,270 @@
+"""Scale: two-process DDP through ``accelerate launch`` (gloo on CPU), async generation, and
+``num_samples_per_prompt`` K > 2 with best-vs-worst pairing and tied pairs skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.callbacks import MetricsJsonlCallback, read_metrics
+from trainer.cli import main as cli_main
+from trainer.config import OnlineDPOConfig
+from trainer.losses import dpo_losses
+from trainer.service_process import running_service
+from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def service_counts(url: str) -> tuple[float, float]:
+    """``(/score requests answered 200, items scored)`` from the service's ``/metrics``."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    requests = re.search(
+        r'^reward_requests_total\{route="/score",status="200"\} (\S+)$', text, re.M
+    )
+    items = re.search(r"^reward_items_scored_total (\S+)$", text, re.M)
+    return (float(requests.group(1)) if requests else 0.0), float(items.group(1))
+
+
+def prompts(demo_models: Any, n: int | None = None) -> Dataset:
+    lines = demo_models.train_prompts.read_text().splitlines()[:n]
+    return Dataset.from_dict({"prompt": [json.loads(line)["prompt"] for line in lines]})
+
+
+class RecordingTrainer(OnlineDPOTrainer):
+    """Records each step's prompts, rewards, pairs and loss (the test's window on a step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.order: list[list[str]] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.order.append(list(inputs["prompt"]))
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        self.steps[-1]["loss"] = loss.detach()
+        return loss
+
+    def _record_step(self, rollout: Any, logps: Any, ref_logps: Any, rewards: Any,
+                     contain_eos: Any, pairs: Any, beta: float) -> None:  # fmt: skip
+        mask = rollout.completion_mask
+        self.steps.append(
+            {
+                "rewards": rewards.detach().clone(),
+                "pairs": pairs,
+                "seq": (logps.detach() * mask).sum(-1),
+                "ref_seq": (ref_logps * mask).sum(-1),
+                "beta": beta,
+            }
+        )
+        super()._record_step(rollout, logps, ref_logps, rewards, contain_eos, pairs, beta)
+
+
+def make_trainer(demo_models: Any, dataset: Dataset, output_dir: Path, url: str, **kw: Any) -> Any:
+    config: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "reward_url": url,
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    config.update(kw)
+    return RecordingTrainer(
+        AutoModelForCausalLM.from_pretrained(demo_models.policy),
+        args=OnlineDPOConfig(**config),
+        processing_class=AutoTokenizer.from_pretrained(demo_models.policy, padding_side="left"),
+        train_dataset=dataset,
+        callbacks=[MetricsJsonlCallback()],
+    )
+
+
+def train_records(output_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(output_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def service(demo_models: Any) -> Any:
+    with running_service(demo_models.reward) as url:
+        yield url
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_semantics(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """2 processes x batch 2 (``accelerate launch``, gloo) vs 1 process x batch 4: both
+    finish with the same steps and logged keys, the loss is a global mean (ln 2 at step 1 in
+    both), rank 0 alone writes metrics and checkpoints, and each rank scores its own pairs."""
+    steps, k, global_batch = 4, 2, 4
+    base = {
+        "model_name_or_path": str(demo_models.policy),
+        "dataset_name": str(demo_models.train_prompts),
+        "max_steps": steps,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "temperature": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "ddp_find_unused_parameters": False,
+        "seed": 0,
+        "reward_url": service,
+    }
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    ddp_yaml, single_yaml = tmp_path / "ddp.yaml", tmp_path / "single.yaml"
+    half, full = global_batch // 2, global_batch
+    for path, out, batch in ((ddp_yaml, ddp_out, half), (single_yaml, single_out, full)):
+        config = {**base, "output_dir": str(out), "per_device_train_batch_size": batch}
+        path.write_text(yaml.safe_dump(config))
+
+    before = service_counts(service)
+    # `--multi_gpu` selects torchrun's launcher; with use_cpu the processes join a gloo group.
+    # (`--cpu --num_processes 2` without mpirun starts one process only, accelerate 1.15.)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "trainer.cli", "train", "--config", str(ddp_yaml),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    after_ddp = service_counts(service)
+    assert cli_main(["train", "--config", str(single_yaml)]) == 0
+    after_single = service_counts(service)
+
+    # Each rank sends its own /score request per step with its own K x B/2 completions.
+    assert after_ddp[0] - before[0] == 2 * steps
+    assert after_ddp[1] - before[1] == steps * 2 * k * (global_batch // 2)
+    assert after_single[0] - after_ddp[0] == steps
+    assert after_single[1] - after_ddp[1] == steps * k * global_batch
+
+    ddp, single = train_records(ddp_out), train_records(single_out)
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == list(range(1, steps + 1))
+    assert set(ddp[0]) == set(single[0])
+    # Step 1: policy == reference, so every pair's loss is ln 2 and the KL is 0 (global means).
+    for records in (ddp, single):
+        assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert abs(records[0]["objective/kl"]) < 1e-4
+        assert all(math.isfinite(r["loss"]) for r in records)
+    # The same share of the data: a global batch of 4 per step in both.
+    assert ddp[-1]["epoch"] == pytest.approx(single[-1]["epoch"])
+
+    for out in (ddp_out, single_out):
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        assert not any((out / STAGING_DIR).iterdir())  # every staged save was renamed
+    # One checkpoint written once, holding each rank's RNG state (the resume needs both).
+    names = {p.name for p in (ddp_out / "checkpoint-4").iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= names
+    assert "rng_state.pth" in {p.name for p in (single_out / "checkpoint-4").iterdir()}
+
+
+# ----------------------------------------------------------------------------- async
+
+
+def test_async_generation_same_data_one_step_stale(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """Async mode trains the same batches in the same order as sync mode, each sampled by the
+    weights of at most one step before (0 on the first step of an epoch), and scores no
+    completion it does not train on."""
+    dataset = prompts(demo_models, 24)  # 3 steps per epoch at batch 8
+    steps = 7
+    runs = {}
+    for mode in (False, True):
+        before = service_counts(service)[1]
+        trainer = make_trainer(
+            demo_models, dataset, tmp_path / f"async-{mode}", service,
+            per_device_train_batch_size=8, max_steps=steps, async_generation=mode,
+        )  # fmt: skip
+        trainer.train()
+        runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
+        assert trainer.state.global_step == steps
+        assert service_counts(service)[1] - before == steps * 2 * 8
+    (sync, sync_records), (asy, async_records) = runs[False], runs[True]
+    assert asy.order == sync.order
+    assert [r["async/staleness"] for r in async_records] == [0, 1, 1, 0, 1, 1, 0]
+    assert all("async/staleness" not in r for r in sync_records)
+    # Step 1 is sampled from the same weights with the same seed: identical in both modes.
+    assert torch.equal(asy.steps[0]["rewards"], sync.steps[0]["rewards"])
+    assert async_records[0]["loss"] == pytest.approx(sync_records[0]["loss"], abs=1e-6)
+    assert not asy._pending and asy._rollout_pool._work_queue.empty()
+
+
+# ----------------------------------------------------------------------------- K samples
+
+
+def test_k4_pairs_best_and_worst_sample(demo_models: Any, service: str, tmp_path: Path) -> None:
+    """K=4: for every prompt the chosen sample has the highest reward of its 4 and the rejected
+    one the lowest; the logged margin is their difference."""
+    b, k = 4, 4
+    trainer = make_trainer(
+        demo_models, prompts(demo_models, 16), tmp_path / "k4", service,
+        per_device_train_batch_size=b, num_samples_per_prompt=k, max_steps=3,
+    )  # fmt: skip
+    trainer.train()
+    records = train_records(tmp_path / "k4")
+    for step, record in zip(trainer.steps, records, strict=True):
+        per_prompt = step["rewards"].view(k, b)  # block layout: sample j of prompt i at j*B+i
+        pairs = step["pairs"]
+        assert torch.equal(step["rewards"][pairs.chosen], per_prompt.max(0).values)
+        assert torch.equal(step["rewards"][pairs.rejected], per_prompt.min(0).values)
+        columns = torch.arange(b)
+        assert torch.equal(pairs.chosen % b, columns) and torch.equal(pairs.rejected % b, columns)
+        margin = (per_prompt.max(0).values - per_prompt.min(0).values).mean().item()
+        assert record["objective/scores_margin"] == pytest.approx(margin, abs=1e-6)
+
+
+def test_skip_tied_pairs_leaves_ties_out_of_the_loss(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """Near-greedy sampling makes many identical (tied) pairs: ``val/tied_pairs`` logs their
+    share and the loss averages the untied pairs only."""
+    b = 8
+    trainer = make_trainer(
+        demo_models, prompts(demo_models, 32), tmp_path / "ties", service,
+        per_device_train_batch_size=b, temperature=0.3, skip_tied_pairs=True, max_steps=4,
+    )  # fmt: skip
+    trainer.train()
+    records = train_records(tmp_path / "ties")
+    shares = []
+    for step, record in zip(trainer.steps, records, strict=True):
+        rewards, pairs = step["rewards"], step["pairs"]
+        tied = rewards[pairs.chosen] == rewards[pairs.rejected]
+        assert torch.equal(pairs.tied, tied)
+        assert record["val/tied_pairs"] == pytest.approx(tied.float().mean().item())
+        shares.append(tied.float().mean().item())
+        losses = dpo_losses(
+            step["seq"][pairs.chosen], step["seq"][pairs.rejected],
+            step["ref_seq"][pairs.chosen], step["ref_seq"][pairs.rejected],
+            step["beta"], "sigmoid",
+        )  # fmt: skip
+        want = losses[~tied].mean() if (~tied).any() else torch.tensor(0.0)
+        assert step["loss"].item() == pytest.approx(want.item(), abs=1e-6)
+    # The run had both kinds, so the test shows exclusion (not an all-or-nothing batch).
+    assert 0 < sum(shares) / len(shares) < 1, shares
