@@ -1,0 +1,249 @@
+"""Sync vs async generation on the same budget: throughput and final reward.
+
+Both modes train the built-in demo policy against a real reward-service subprocess with the
+same config, seed and number of steps; only ``async_generation`` differs. Each run is its own
+subprocess (clean threads and memory), and the modes alternate over repeats so that a noisy
+neighbour hits both. Measured per run:
+
+- completion tokens/s: completion tokens sampled for training / wall time of ``train()``;
+- step time (median over the steps after the warm-up);
+- reward: mean ``objective/scores`` over the last ``--last`` steps, and ``eval_reward_mean``
+  (one completion per held-out prompt, fixed sampling seed) after training.
+
+Prints a table and writes JSON (default ``bench/results/async.json``)::
+
+    python bench/bench_async.py [--steps 120] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("sync", "async")
+TARGET_SPEEDUP = 1.3
+
+
+def _worker_env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        # Intra-op threads of every torch thread (the trainer's and the sampler's).
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_worker(opts: argparse.Namespace) -> None:
+    """Train one mode in this process and write its measurements as JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from common.demo_models import ensure_demo_models
+    from trainer.config import OnlineDPOConfig
+    from trainer.data import load_prompt_dataset
+    from trainer.trainer import OnlineDPOTrainer
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.logs: list[dict[str, float]] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "objective/scores" in logs:
+                self.logs.append(dict(logs))
+
+    models = ensure_demo_models()
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        config = OnlineDPOConfig(
+            output_dir=out,
+            reward_url=opts.url,
+            async_generation=opts.worker == "async",
+            max_steps=opts.steps,
+            per_device_train_batch_size=opts.batch_size,
+            num_samples_per_prompt=opts.k,
+            max_new_tokens=opts.max_new_tokens,
+            temperature=1.0,
+            learning_rate=opts.lr,
+            beta=0.1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            per_device_eval_batch_size=32,
+            seed=opts.seed,
+        )
+        trainer = OnlineDPOTrainer(
+            AutoModelForCausalLM.from_pretrained(models.policy),
+            args=config,
+            processing_class=AutoTokenizer.from_pretrained(models.policy, padding_side="left"),
+            train_dataset=load_prompt_dataset(models.train_prompts),
+            eval_dataset=load_prompt_dataset(models.eval_prompts),
+        )
+        trainer.add_callback(clock)
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        evaluation = trainer.evaluate()
+    per_step = opts.batch_size * opts.k
+    tokens = sum(log["val/completion_length"] * per_step for log in clock.logs)
+    steps = [b - a for a, b in itertools.pairwise(clock.ends[opts.warmup - 1 :])]
+    measured, last = clock.logs[opts.warmup :], clock.logs[-opts.last :]
+    result = {
+        "mode": opts.worker,
+        "steps": len(clock.logs),
+        "train_wall_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "step_time_median_s": statistics.median(steps),
+        "final_scores": statistics.fmean(
+            log["objective/scores"] for log in clock.logs[-opts.last :]
+        ),
+        "eval_reward_mean": evaluation["eval_reward_mean"],
+        "eval_win_rate": evaluation["eval_win_rate"],
+        "final_kl": statistics.fmean(log["objective/kl"] for log in last),
+        "timing_s": {
+            key: statistics.fmean(log[key] for log in measured)
+            for key in ("time/generate", "time/score_wait", "time/forward_backward")
+        },
+        "staleness_mean": statistics.fmean(log.get("async/staleness", 0.0) for log in clock.logs),
+        "scores_curve": [log["objective/scores"] for log in clock.logs],
+    }
+    Path(opts.result).write_text(json.dumps(result))
+
+
+def _run_one(mode: str, opts: argparse.Namespace, url: str) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [
+            sys.executable, __file__, "--worker", mode, "--url", url, "--result", result.name,
+            "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--last", str(opts.last),
+            "--batch-size", str(opts.batch_size), "--k", str(opts.k), "--lr", str(opts.lr),
+            "--max-new-tokens", str(opts.max_new_tokens), "--seed", str(opts.seed),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=_worker_env(opts.threads), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} worker failed:\n{proc.stderr[-4000:]}")
+        return json.loads(Path(result.name).read_text())
+
+
+SUMMARY_KEYS = (
+    "tokens_per_s", "step_time_median_s", "train_wall_s", "final_scores", "eval_reward_mean",
+    "eval_win_rate", "final_kl",
+)  # fmt: skip
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-mode medians over repeats, plus the spread of the reward figures (the noise)."""
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in SUMMARY_KEYS}
+    out["timing_s"] = {
+        k: statistics.median(r["timing_s"][k] for r in runs) for k in runs[0]["timing_s"]
+    }
+    for key in ("final_scores", "eval_reward_mean", "tokens_per_s"):
+        values = [r[key] for r in runs]
+        out[f"{key}_range"] = [min(values), max(values)]
+    return out
+
+
+def _table(results: dict[str, Any]) -> str:
+    rows = [
+        ("completion tokens/s", "tokens_per_s", "{:12.1f}"),
+        ("step time, median (s)", "step_time_median_s", "{:12.3f}"),
+        ("train wall time (s)", "train_wall_s", "{:12.1f}"),
+        ("objective/scores, last steps", "final_scores", "{:12.3f}"),
+        ("eval_reward_mean", "eval_reward_mean", "{:12.3f}"),
+        ("eval_win_rate vs reference", "eval_win_rate", "{:12.3f}"),
+        ("objective/kl, last steps", "final_kl", "{:12.2f}"),
+    ]
+    lines = [f"{'':32}{'sync':>12}{'async':>12}{'async/sync':>12}"]
+    for name, key, fmt in rows:
+        s, a = results["sync"][key], results["async"][key]
+        ratio = a / s if s else float("nan")
+        lines.append(f"{name:32}{fmt.format(s)}{fmt.format(a)}{ratio:12.2f}")
+    for key in ("time/generate", "time/score_wait", "time/forward_backward"):
+        s, a = (results[m]["timing_s"][key] for m in MODES)
+        lines.append(f"{key + ' (s)':32}{s:12.3f}{a:12.3f}")
+    speedup = results["speedup"]
+    verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
+    lines.append(f"throughput speedup {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: {verdict})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of step times")
+    parser.add_argument("--last", type=int, default=20, help="steps averaged for the reward")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--k", type=int, default=2, help="num_samples_per_prompt")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of the workers (default: torch's, one per core)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "async.json")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        run_worker(opts)
+        return
+    if opts.steps <= opts.warmup + 1 or opts.last < 1 or opts.repeats < 1:
+        parser.error("need --steps > --warmup + 1, --last >= 1 and --repeats >= 1")
+
+    from common.demo_models import ensure_demo_models
+    from trainer.service_process import running_service
+
+    models = ensure_demo_models()
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    with running_service(models.reward) as url:
+        for i in range(opts.repeats):
+            for mode in MODES if i % 2 == 0 else MODES[::-1]:
+                run = _run_one(mode, opts, url)
+                runs[mode].append(run)
+                print(
+                    f"  {mode:5} run {i + 1}: {run['tokens_per_s']:.1f} tokens/s, "
+                    f"scores {run['final_scores']:.3f}, eval {run['eval_reward_mean']:.3f}",
+                    flush=True,
+                )
+    results: dict[str, Any] = {m: _summary(runs[m]) for m in MODES}
+    results["speedup"] = results["async"]["tokens_per_s"] / results["sync"]["tokens_per_s"]
+    results["target_speedup"] = TARGET_SPEEDUP
+    results["config"] = {
+        k: getattr(opts, k)
+        for k in ("steps", "warmup", "last", "batch_size", "k", "lr", "max_new_tokens", "seed")
+    } | {"repeats": opts.repeats, "threads": opts.threads}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_at_end": os.getloadavg(),
+    }
+    results["runs"] = runs
+    print(_table(results))
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
