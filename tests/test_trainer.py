@@ -1,0 +1,627 @@
+"""OnlineDPOTrainer runs against a real reward-service subprocess: parity with TRL 1.16, each
+TRL defect fixed, the /score request overlapped with the log-prob forwards, end-to-end runs,
+checkpoint + resume, conversational prompts, K=4, PEFT, config errors.
+
+Sampling is the only thing replaced, and only where two runs must see the same completions:
+the policy's ``generate`` returns fixed token ids, so prompt tokenization, the EOS cut,
+decoding, scoring over HTTP, log-probs, pairing and the loss all run for real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.client import RewardServiceError
+from common.demo_models import DemoModels
+from tests.support import TIMING_NAMES
+from trainer.config import OnlineDPOConfig
+from trainer.logprobs import completion_token_logps
+from trainer.service_process import running_service
+from trainer.trainer import OnlineDPOTrainer
+
+PROMPTS = [
+    "the movie was",
+    "in the end the pacing seemed",
+    "my friends found the cast",
+    "the dialogue is",
+]
+# Fixed completions, sample 0 then sample 1 of each prompt (TRL's block layout). "</s>" is the
+# policy's EOS: some end early (padding follows), some run to the width without one, a text
+# after an EOS is cut off, and prompt 3's two samples are equal (a tied pair).
+COMPLETIONS = [
+    " great and lovely .</s>",
+    " awful .</s> and more",
+    " simple and long and old and new",
+    " dull .</s>",
+    " boring and dull .</s>",
+    " wonderful and charming and moving .",
+    " bad .</s>",
+    " dull .</s>",
+]
+WIDTH = 8
+# Metrics defined the same way as TRL's (KL, entropy, non-score and RLHF reward are not: TRL
+# sums them over padding too).
+SAME_AS_TRL = (
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "objective/scores",
+    "objective/scores_margin",
+    "val/contain_eos_token",
+    "beta",
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def service(demo_models: DemoModels) -> Iterator[str]:
+    with running_service(demo_models.reward) as url:
+        yield url
+
+
+def config(tmp_path: Path, url: str | None, **overrides: Any) -> OnlineDPOConfig:
+    kwargs: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"),
+        "reward_url": url,
+        "per_device_train_batch_size": 2,
+        "max_new_tokens": WIDTH,
+        "temperature": 1.0,
+        "learning_rate": 1e-3,
+        "max_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "reward_timeout": 10.0,
+        "reward_max_retries": 2,
+    }
+    kwargs.update(overrides)
+    return OnlineDPOConfig(**kwargs)
+
+
+def policy(demo_models: DemoModels) -> Any:
+    return AutoModelForCausalLM.from_pretrained(demo_models.policy)
+
+
+def perturbed_policy(demo_models: DemoModels, seed: int = 0, scale: float = 0.02) -> Any:
+    """The policy with seeded noise on every weight: a reference that differs from it."""
+    model = policy(demo_models)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
+def tokenizer(demo_models: DemoModels) -> Any:
+    return AutoTokenizer.from_pretrained(demo_models.policy)
+
+
+def make_trainer(
+    demo_models: DemoModels, args: OnlineDPOConfig, prompts: list[Any] | None = None, **kw: Any
+) -> OnlineDPOTrainer:
+    return OnlineDPOTrainer(
+        kw.pop("model", None) or policy(demo_models),
+        args=args,
+        processing_class=tokenizer(demo_models),
+        train_dataset=Dataset.from_dict({"prompt": prompts or PROMPTS}),
+        **kw,
+    )
+
+
+def completion_ids(tok: Any, texts: list[str], width: int = WIDTH) -> torch.Tensor:
+    """Token ids of ``texts`` as ``generate`` would return them: cut at ``width``, padded."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"][:width] for t in texts]
+    return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+
+
+def fixed_generate(model: Any, completions: torch.Tensor | dict[tuple, torch.Tensor]) -> None:
+    """Make ``model.generate`` return the prompt followed by fixed completion ids: one tensor
+    for the whole batch, or a row per prompt (its unpadded ids, as a tuple) per sample."""
+
+    def generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        if isinstance(completions, torch.Tensor):
+            rows = completions
+        else:
+            seen: dict[tuple, int] = {}
+            picked = []
+            for ids, mask in zip(input_ids, attention_mask, strict=True):
+                key = tuple(ids[mask.bool()].tolist())
+                picked.append(completions[key][seen.get(key, 0)])
+                seen[key] = seen.get(key, 0) + 1
+            rows = torch.stack(picked)
+        assert rows.shape[0] == input_ids.shape[0]
+        return torch.cat([input_ids, rows.to(input_ids.device)], dim=1)
+
+    model.generate = generate
+
+
+class ScoreSpy:
+    """Records what the trainer sends to ``/score`` and what comes back (real requests)."""
+
+    def __init__(self, trainer: OnlineDPOTrainer) -> None:
+        self.items: list[list[dict]] = []
+        self.futures: list[Any] = []
+        submit = trainer.scorer.submit
+
+        def spy(items: list[dict]) -> Any:
+            self.items.append(items)
+            self.futures.append(submit(items))
+            return self.futures[-1]
+
+        trainer.scorer.submit = spy  # type: ignore[method-assign]
+
+
+def train_logs(trainer: OnlineDPOTrainer) -> dict[int, dict[str, float]]:
+    return {r["step"]: r for r in trainer.state.log_history if "loss" in r}
+
+
+def step_means(trainer: OnlineDPOTrainer) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in trainer.stats.items() if v}
+
+
+# ----------------------------------------------------------------------------- TRL parity
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_and_metrics_equal_trls(
+    demo_models: DemoModels, service: str, tmp_path: Path, loss_type: str
+) -> None:
+    """Same policy, prompts, completions and rewards: TRL 1.16's loss, gradients and the
+    metrics both define alike, to 1e-6."""
+    from trl.experimental.online_dpo import OnlineDPOConfig as TRLConfig
+    from trl.experimental.online_dpo import OnlineDPOTrainer as TRLTrainer
+
+    tok = tokenizer(demo_models)
+    raw = completion_ids(tok, COMPLETIONS)
+    common = {
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": WIDTH,
+        "beta": 0.3,
+        "loss_type": loss_type,
+        "missing_eos_penalty": 0.25,
+        "report_to": "none",
+        "use_cpu": True,
+    }
+
+    ours = make_trainer(
+        demo_models,
+        config(tmp_path, service, **common, bf16=False, gradient_checkpointing=False),
+        ref_model=perturbed_policy(demo_models),
+    )
+    fixed_generate(ours.model, raw)
+    spy = ScoreSpy(ours)
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, {"prompt": PROMPTS})
+    loss.backward()
+    mine = step_means(ours)
+    (items,) = spy.items
+    scores = spy.futures[0].result()
+
+    # TRL's custom reward function route, answering with the service's scores.
+    seen: dict[str, Any] = {}
+
+    def service_scores(prompts: list, completions: list, **_: Any) -> list[float]:
+        seen["texts"] = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return scores.tolist()
+
+    theirs = TRLTrainer(
+        model=policy(demo_models),
+        ref_model=perturbed_policy(demo_models),
+        reward_funcs=service_scores,
+        args=TRLConfig(
+            output_dir=str(tmp_path / "trl"), **common, bf16=False, gradient_checkpointing=False
+        ),
+        processing_class=tokenizer(demo_models),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    fixed_generate(theirs.model, raw)
+    trl_loss = theirs.training_step(theirs.model, {"prompt": PROMPTS})
+    # Both decoded the same completions and scored the same texts.
+    assert seen["texts"] == [i["prompt"] + i["completion"] for i in items]
+
+    diffs = {"loss": abs(loss.item() - trl_loss.item())}
+    trl_stats = {k: sum(v) / len(v) for k, v in theirs.stats.items() if v}
+    for name in SAME_AS_TRL:
+        diffs[name] = abs(mine[name] - trl_stats[name])
+    grads = [
+        (a.grad - b.grad).abs().max().item()
+        for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True)
+    ]
+    diffs["grad"] = max(grads)
+    grad_scale = max(p.grad.abs().max().item() for p in ours.model.parameters())
+    print(f"TRL parity ({loss_type}): loss {loss.item():.6f}, largest gradient {grad_scale:.3g}")
+    print(f"TRL parity ({loss_type}): max abs diff", json.dumps(diffs))
+    assert mine["rewards/margins"] != 0  # the reference differs from the policy
+    if loss_type == "sigmoid":
+        assert diffs["loss"] <= 1e-6
+    else:
+        # IPO's square (loss ≈ 12 here) turns a 1-ulp difference of a float32 sequence log-prob
+        # sum (≈ 30: ulp 1.9e-6; TRL passes no position ids and takes a full log_softmax) into
+        # ~2e-5 absolute.
+        assert diffs["loss"] <= 1e-5 * abs(loss.item())
+    assert diffs["grad"] <= 1e-5 * grad_scale  # float32 sums in another order
+    for name in SAME_AS_TRL:
+        # Sequence log-probs are sums of 8 terms of size ~5: relative 1e-6.
+        assert mine[name] == pytest.approx(trl_stats[name], rel=1e-6, abs=1e-6), name
+    # The tied prompt (3) pairs sample 0 against sample 1 in both; padding makes TRL's KL differ.
+    assert mine["val/tied_pairs"] == 0.25
+
+
+# ----------------------------------------------------------------------------- TRL defect 1
+
+
+def test_beta_list_gives_each_epoch_its_beta_then_the_last(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    """TRL indexes the list with the float epoch and crashes at step 2."""
+    args = config(tmp_path, service, max_steps=-1, num_train_epochs=3, beta=[0.1, 0.5])
+    trainer = make_trainer(demo_models, args, PROMPTS[:2])  # one step per epoch
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [logs[s]["beta"] for s in (1, 2, 3)] == [0.1, 0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------- TRL defect 2
+
+
+def per_prompt_completions(tok: Any, prompts: list[str]) -> dict[tuple, torch.Tensor]:
+    """``COMPLETIONS`` per prompt (keyed by its token ids): rows sample 0, sample 1."""
+    raw = completion_ids(tok, COMPLETIONS)
+    b = len(prompts)
+    return {
+        tuple(tok(p, add_special_tokens=False)["input_ids"]): raw[[i, b + i]]
+        for i, p in enumerate(prompts)
+    }
+
+
+def one_update(demo_models: DemoModels, args: OnlineDPOConfig) -> tuple[Any, dict[str, float]]:
+    trainer = make_trainer(demo_models, args, ref_model=perturbed_policy(demo_models))
+    fixed_generate(trainer.model, per_prompt_completions(trainer.processing_class, PROMPTS))
+    trainer.train()
+    return trainer.model, train_logs(trainer)[1]
+
+
+def test_gradient_accumulation_averages(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    """One SGD update from 4 prompts in one batch equals the one from 2 accumulated batches
+    of 2 (TRL sums the accumulated gradients: twice the update)."""
+    common = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 1e9}
+    start = policy(demo_models)
+    full, full_log = one_update(
+        demo_models, config(tmp_path / "a", service, per_device_train_batch_size=4, **common)
+    )
+    accumulated, acc_log = one_update(
+        demo_models,
+        config(
+            tmp_path / "b", service, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            **common,
+        ),
+    )  # fmt: skip
+    step = max(
+        (a - s).abs().max().item()
+        for a, s in zip(full.parameters(), start.parameters(), strict=True)
+    )
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(full.parameters(), accumulated.parameters(), strict=True)
+    )
+    assert step > 1e-3  # the update is real
+    assert diff <= 1e-5 * step
+    assert acc_log["grad_norm"] == pytest.approx(full_log["grad_norm"], rel=1e-5)
+    assert acc_log["loss"] == pytest.approx(full_log["loss"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- TRL defect 3
+
+
+def hand_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Per-token completion log-probs from one plain forward over prompt + completion."""
+    ids = torch.cat([prompt_ids, completion], 1)
+    attention = torch.cat([prompt_mask, mask], 1)
+    with torch.no_grad():
+        logits = model(
+            ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    p = prompt_ids.shape[1]
+    logps = logits[:, p - 1 : -1].log_softmax(-1)
+    return logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+
+def test_kl_entropy_and_non_score_reward_leave_padding_out(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    tok = tokenizer(demo_models)
+    raw = completion_ids(tok, COMPLETIONS)
+    eos = tok.eos_token_id
+    # By hand: each completion up to and including its first EOS, the rest padding.
+    mask = torch.zeros_like(raw)
+    cut = raw.clone()
+    for r, row in enumerate(raw.tolist()):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        mask[r, :end] = 1
+        cut[r, end:] = tok.pad_token_id
+    assert (mask == 0).any()  # padding is there to be left out
+
+    ref = perturbed_policy(demo_models)
+    beta, penalty = 0.2, 0.5
+    args = config(tmp_path, service, per_device_train_batch_size=4, beta=beta,
+                  missing_eos_penalty=penalty)  # fmt: skip
+    trainer = make_trainer(demo_models, args, ref_model=ref)
+    fixed_generate(trainer.model, raw)
+    spy = ScoreSpy(trainer)
+    trainer.compute_loss(trainer.model, {"prompt": PROMPTS})
+    got = step_means(trainer)
+
+    batch = tok(PROMPTS, padding=True, padding_side="left", add_special_tokens=False,
+                return_tensors="pt")  # fmt: skip
+    prompt_ids, prompt_mask = batch["input_ids"].repeat(2, 1), batch["attention_mask"].repeat(2, 1)
+    logps = hand_logps(trainer.model, prompt_ids, prompt_mask, cut, mask)
+    ref_logps = hand_logps(ref, prompt_ids, prompt_mask, cut, mask)
+    kl = ((logps - ref_logps) * mask).sum(-1)
+    rewards = (
+        spy.futures[0].result()
+        - penalty * (mask.sum(-1) == WIDTH).float() * (~(cut == eos).any(-1)).float()
+    )
+    want = {
+        "objective/kl": kl.mean().item(),
+        "objective/entropy": -(logps * mask).sum(-1).mean().item(),
+        "objective/non_score_reward": (-beta * kl).mean().item(),
+        "objective/rlhf_reward": (rewards - beta * kl).mean().item(),
+        "val/completion_length": mask.sum(-1).float().mean().item(),
+    }
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-5), name
+    # TRL's sums over the padding too: a different number here, so the test can tell.
+    unmasked_kl = (logps - ref_logps).sum(-1).mean().item()
+    assert abs(unmasked_kl - want["objective/kl"]) > 1e-2
+    assert abs(-logps.sum(-1).mean().item() - want["objective/entropy"]) > 1.0
+
+
+# ----------------------------------------------------------------------------- TRL defect 4
+
+
+def test_generation_keeps_the_kv_cache_under_gradient_checkpointing(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    args = config(tmp_path, service, gradient_checkpointing=True)
+    trainer = make_trainer(demo_models, args)
+    model = trainer.model
+    calls: list[tuple[int, int, bool]] = []
+
+    def record(module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cached = 0 if cache is None else cache.get_seq_length()
+        calls.append((ids.shape[1], cached, module.training))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert model.is_gradient_checkpointing  # what makes TRL drop the cache
+    assert trainer.generation_config.use_cache is True
+    # Decoding steps feed one new token on top of the cached prompt + earlier tokens.
+    decoding = [c for c in calls if c[0] == 1 and c[1] > 0]
+    assert len(decoding) >= WIDTH - 2, calls
+    assert not any(training for *_, training in decoding)
+    # The training forward ran with checkpointing (train mode) and no cache.
+    assert any(training and cached == 0 for _, cached, training in calls)
+    assert math.isfinite(train_logs(trainer)[1]["loss"])
+
+
+# ----------------------------------------------------------------------------- TRL defect 5
+
+
+def test_evaluate_reports_reward_and_win_rate(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    eval_prompts = [
+        json.loads(line)["prompt"] for line in demo_models.eval_prompts.read_text().splitlines()
+    ][:6]
+    args = config(tmp_path, service, per_device_eval_batch_size=4)
+    trainer = make_trainer(
+        demo_models, args, eval_dataset=Dataset.from_dict({"prompt": eval_prompts})
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_samples"] == 6  # two batches, the last one short
+    assert 0.0 <= metrics["eval_win_rate"] <= 1.0
+    assert -1.5 < metrics["eval_reward_mean"] < 1.5  # the demo reward is in about [-1, 1]
+    assert math.isfinite(metrics["eval_ref_reward_mean"])
+    assert abs(metrics["eval_kl"]) < 1e-4  # the policy is still the reference
+    # Fixed sampling noise: a second evaluation of the same weights says the same.
+    again = trainer.evaluate()
+    for key in ("eval_reward_mean", "eval_ref_reward_mean", "eval_win_rate"):
+        assert again[key] == metrics[key]
+    logged = [r for r in trainer.state.log_history if "eval_win_rate" in r]
+    assert len(logged) == 2
+
+
+# ----------------------------------------------------------------------------- TRL defect 6
+
+
+@pytest.mark.parametrize(("max_new_tokens", "max_length"), [(8, 8), (9, 8), (64, 16)])
+def test_max_new_tokens_not_below_max_length_is_refused(
+    max_new_tokens: int, max_length: int, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"max_length.*max_new_tokens"):
+        config(tmp_path, "http://127.0.0.1:1", max_new_tokens=max_new_tokens,
+               max_length=max_length)  # fmt: skip
+
+
+def test_left_truncation_keeps_log_probs_aligned(demo_models: DemoModels) -> None:
+    model, tok = policy(demo_models), tokenizer(demo_models)
+    prompts = ["the movie was", "my friends found the cast"]
+    # Three columns of nothing but padding on the left.
+    width = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 3
+    batch = tok(prompts, padding="max_length", max_length=width, padding_side="left",
+                add_special_tokens=False, return_tensors="pt")  # fmt: skip
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    assert (prompt_mask[:, :3] == 0).all()
+    completion = completion_ids(tok, COMPLETIONS[:2])
+    mask = torch.ones_like(completion)
+    mask[0, 5:] = 0  # " great and lovely .</s>" ends at its EOS
+    full = completion_token_logps(model, prompt_ids, prompt_mask, completion, mask, 512)
+    plain = hand_logps(model, prompt_ids, prompt_mask, completion, mask)
+    torch.testing.assert_close(full * mask, plain * mask, rtol=0, atol=1e-5)
+    # Truncation that removes only the padding columns changes nothing.
+    max_length = width + WIDTH - 3
+    cut = completion_token_logps(model, prompt_ids, prompt_mask, completion, mask, max_length)
+    torch.testing.assert_close(cut * mask, full * mask, rtol=0, atol=1e-5)
+    # Truncation down to one prompt token: the first completion token is still predicted from
+    # that token (TRL's slicing shifts by one when nothing of the prompt is left).
+    one = completion_token_logps(model, prompt_ids, prompt_mask, completion, mask, WIDTH + 1)
+    last = prompt_ids[:, -1:]
+    want = hand_logps(model, last, torch.ones_like(last), completion, mask)
+    torch.testing.assert_close(one * mask, want * mask, rtol=0, atol=1e-5)
+    assert not torch.allclose(one * mask, full * mask, atol=1e-3)  # the context did change
+
+
+# ----------------------------------------------------------------------------- TRL defect 7
+
+
+def test_reward_service_not_listening_fails_at_start(
+    demo_models: DemoModels, tmp_path: Path
+) -> None:
+    from trainer.service_process import free_port
+
+    args = config(tmp_path, f"http://127.0.0.1:{free_port()}", reward_max_retries=0,
+                  reward_timeout=2.0)  # fmt: skip
+    with pytest.raises(RewardServiceError):
+        make_trainer(demo_models, args)
+
+
+class FaultyService:
+    """A stand-in reward service on a free loopback port: ``/info`` relays the real service's
+    answer, ``/score`` answers ``status`` with the error envelope; :meth:`close` stops it
+    (connections are then refused)."""
+
+    def __init__(self, real_url: str, status: int) -> None:
+        info = httpx.get(f"{real_url}/info", timeout=10).content
+        self.score_requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._answer(200, info)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.score_requests += 1
+                error = {"error": {"type": "injected", "message": f"status {status}"}}
+                self._answer(status, json.dumps(error).encode())
+
+            def _answer(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_type"),
+    [("down", "RewardServiceUnavailable"), (503, "RewardServiceUnavailable"),
+     (422, "RewardServiceError")],
+)  # fmt: skip
+def test_failed_reward_requests_raise_instead_of_scoring_zero(
+    demo_models: DemoModels, service: str, tmp_path: Path, fault: str | int, error_type: str
+) -> None:
+    """The service stops after the trainer started, answers 503 (retried, then given up), or
+    refuses the request (4xx, not retried): training stops with the error; no step is taken
+    and no score is logged."""
+    stub = FaultyService(service, 503 if fault == "down" else int(fault))
+    try:
+        args = config(tmp_path, stub.url, max_steps=2, reward_max_retries=1, reward_timeout=2.0)
+        trainer = make_trainer(demo_models, args)
+        if fault == "down":
+            stub.close()
+        with pytest.raises(RewardServiceError) as error:
+            trainer.train()
+    finally:
+        if fault != "down":
+            stub.close()
+    assert type(error.value).__name__ == error_type
+    assert stub.score_requests == {"down": 0, 503: 2, 422: 1}[fault]  # 1 retry; 4xx: none
+    assert trainer.state.global_step == 0
+    assert not [r for r in trainer.state.log_history if "objective/scores" in r]
+
+
+# ----------------------------------------------------------------------------- overlap
+
+
+def test_score_request_overlaps_the_log_prob_forwards(
+    demo_models: DemoModels, service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow reward service (0.3 s per request) and slow log-prob forwards (0.2 s each): the
+    request is in flight while the reference and policy forwards run, so the trainer barely
+    waits for it."""
+    import trainer.trainer as trainer_module
+
+    spans: dict[str, list[tuple[float, float]]] = {"score": [], "forward": []}
+    forward = trainer_module.completion_token_logps
+
+    def slow_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        time.sleep(0.2)
+        out = forward(*args, **kwargs)
+        spans["forward"].append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(trainer_module, "completion_token_logps", slow_forward)
+    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2))
+    score = trainer.scorer.client.score
+
+    def slow_score(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        time.sleep(0.3)
+        out = score(*args, **kwargs)
+        spans["score"].append((start, time.perf_counter()))
+        return out
+
+    trainer.scorer.client.score = slow_score
+    trainer.train()
+    assert len(spans["score"]) == 2 and len(spans["forward"]) == 4
+    for step, (s0, s1) in enumerate(spans["score"]):
+        ref, pol = spans["forward"][2 * step : 2 * step + 2]
+        assert ref[0] < s1 and s0 < pol[1]  # both forwards ran while the request was out
+    logs = train_logs(trainer)
+    for step in (1, 2):
+        assert logs[step].keys() >= TIMING_NAMES
+        assert logs[step]["time/score_wait"] < 0.2, logs[step]
+        assert logs[step]["time/forward_backward"] >= 0.4
