@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.client import RewardServiceError
 from common.demo_models import DemoModels
-from tests.support import TIMING_NAMES
+from tests.support import TIMING_NAMES, TRL_METRIC_NAMES
 from trainer.config import OnlineDPOConfig
 from trainer.logprobs import completion_token_logps
 from trainer.service_process import running_service
@@ -625,3 +625,141 @@ def test_score_request_overlaps_the_log_prob_forwards(
         assert logs[step].keys() >= TIMING_NAMES
         assert logs[step]["time/score_wait"] < 0.2, logs[step]
         assert logs[step]["time/forward_backward"] >= 0.4
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def train_prompts(demo_models: DemoModels, n: int) -> list[str]:
+    lines = demo_models.train_prompts.read_text().splitlines()[:n]
+    return [json.loads(line)["prompt"] for line in lines]
+
+
+RESUMED = ("loss", "grad_norm", "objective/scores", "objective/kl", "rewards/margins",
+           "logps/chosen")  # fmt: skip
+
+
+def test_end_to_end_run_then_resume_reproduces_it(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    """4 steps against the real service with every TRL metric logged; a run resumed from the
+    step-2 checkpoint logs the same steps 3 and 4."""
+    prompts = train_prompts(demo_models, 16)
+    args = config(tmp_path / "full", service, max_steps=4, save_strategy="steps", save_steps=2)
+    full = make_trainer(demo_models, args, prompts)
+    full.train()
+    logs = train_logs(full)
+    assert sorted(logs) == [1, 2, 3, 4]
+    for step, record in logs.items():
+        missing = (TRL_METRIC_NAMES | TIMING_NAMES) - record.keys()
+        assert not missing, (step, missing)
+        assert all(math.isfinite(record[k]) for k in TRL_METRIC_NAMES | {"loss"}), record
+        assert -1.5 < record["objective/scores"] < 1.5
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+
+    args = config(tmp_path / "resumed", service, max_steps=4, save_strategy="no")
+    resumed = make_trainer(demo_models, args, prompts)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    again = train_logs(resumed)  # steps 1 and 2 come from the checkpoint's state
+    assert [r["step"] for r in resumed.state.log_history if "loss" in r] == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in RESUMED:
+            assert again[step][key] == pytest.approx(logs[step][key], rel=1e-5, abs=1e-5), (
+                step, key,
+            )  # fmt: skip
+
+
+def test_conversational_prompts(demo_models: DemoModels, service: str, tmp_path: Path) -> None:
+    """Message lists go through the policy's chat template for sampling and reach the service
+    as messages (it applies the reward tokenizer's own template)."""
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2), prompts)
+    spy = ScoreSpy(trainer)
+    trainer.train()
+    assert len(spy.items) == 2
+    for item in spy.items[0]:
+        assert item["prompt"] in prompts
+        assert item["completion"] == item["completion"].strip()
+    logs = train_logs(trainer)
+    assert all(math.isfinite(logs[s]["loss"]) for s in (1, 2))
+    # The policy learned to write reviews after "<|assistant|>": the scores are spread.
+    scores = torch.cat([f.result() for f in spy.futures])
+    assert scores.std() > 0
+
+
+def test_four_samples_per_prompt_with_tied_pairs_skipped(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    args = config(tmp_path, service, max_steps=2, num_samples_per_prompt=4, skip_tied_pairs=True)
+    trainer = make_trainer(demo_models, args)
+    spy = ScoreSpy(trainer)
+    trainer.train()
+    assert [len(items) for items in spy.items] == [8, 8]  # 4 samples x 2 prompts per step
+    for items in spy.items:  # block layout: sample k of prompt i at k·B + i
+        assert [i["prompt"] for i in items[:2]] * 4 == [i["prompt"] for i in items]
+    logs = train_logs(trainer)
+    for step in (1, 2):
+        assert math.isfinite(logs[step]["loss"])
+        assert 0.0 <= logs[step]["val/tied_pairs"] <= 1.0
+        assert logs[step]["objective/scores_margin"] >= 0  # best minus worst
+
+
+def test_peft_reference_is_the_base_with_the_adapter_disabled(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+    args = config(tmp_path, service, max_steps=2, learning_rate=1e-2)
+    trainer = make_trainer(demo_models, args, peft_config=lora)
+    assert trainer.ref_model is None  # no second copy of the weights
+    base = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora" not in k}
+    trainer.train()
+    logs = train_logs(trainer)
+    # Step 1: the adapter starts as a no-op, so policy == reference: KL 0, loss log 2.
+    assert abs(logs[1]["objective/kl"]) < 1e-5
+    assert logs[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # Step 2: the adapter moved; the reference (adapter off) did not.
+    assert abs(logs[2]["objective/kl"]) > 1e-6
+    for name, param in trainer.model.named_parameters():
+        if "lora" not in name:
+            assert torch.equal(param, base[name]), name
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": [0.1, -1.0]}, "beta"),
+        ({"beta": float("nan")}, "beta"),
+        ({"loss_type": "hinge"}, "loss_type"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"missing_eos_penalty": -1.0}, "missing_eos_penalty"),
+        ({"num_samples_per_prompt": 1}, "num_samples_per_prompt"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"reward_timeout": 0.0}, "reward_timeout"),
+        ({"reward_max_retries": -1}, "reward_max_retries"),
+        ({"reward_url": "ftp://example"}, "reward_url"),
+    ],
+)
+def test_bad_config_values_name_the_field(
+    tmp_path: Path, overrides: dict[str, Any], field: str
+) -> None:
+    url = overrides.pop("reward_url", "http://127.0.0.1:1")
+    with pytest.raises(ValueError, match=field):
+        config(tmp_path, url, **overrides)
+
+
+def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reward_url"):
+        OnlineDPOTrainer("unused/path", args=config(tmp_path, None), processing_class=object(),
+                         train_dataset=Dataset.from_dict({"prompt": PROMPTS}))  # fmt: skip
