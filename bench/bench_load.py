@@ -157,10 +157,19 @@ async def run_load(
     return [r for results in per_client for r in results], wall
 
 
-async def burst(url: str, body: dict[str, Any], n: int, timeout_s: float = 60.0) -> list[Result]:
+async def burst(
+    url: str,
+    body: dict[str, Any],
+    n: int,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> list[Result]:
     """``n`` copies of ``body`` sent at once, each on its own connection."""
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=timeout_s, limits=limits, headers=headers
+    ) as http:
         return await asyncio.gather(*(_send(http, "/score", body, []) for _ in range(n)))
 
 

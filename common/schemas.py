@@ -64,7 +64,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    items: list[ScoreItem] = Field(min_length=1, fail_fast=True)
+    items: list[ScoreItem] = Field(min_length=1)
     label: int | str | None = Field(
         default=None,
         description=(
@@ -93,7 +93,7 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: list[str] = Field(min_length=1, fail_fast=True)
+    query: list[str] = Field(min_length=1)
 
 
 class GetRewardResponse(BaseModel):
