@@ -60,8 +60,8 @@ class ServiceSettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="If set, /score, /get_reward and /info need 'Authorization: Bearer KEY' "
-        "or 'X-API-Key: KEY'.",
+        description="If set, every route except /health, /ready and /metrics (the docs and "
+        "/openapi.json included) needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
     )
     host: str = Field(default="127.0.0.1", description="Interface to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
