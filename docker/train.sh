@@ -1,7 +1,7 @@
 #!/bin/sh
 # `trainer` service: `online-dpo train` on $TRAINER_CONFIG. The reward URL(s) come from
-# $REWARD_URLS (space-separated), the API key from $REWARD_API_KEY, and any extra flags from
-# $TRAINER_ARGS (e.g. "--max_steps 50"); arguments given to this script come first.
+# $REWARD_URLS (comma- or space-separated), the API key from $REWARD_API_KEY, and any extra
+# flags from $TRAINER_ARGS (e.g. "--max_steps 50"); arguments given to this script come first.
 set -eu
 set -- --config "${TRAINER_CONFIG:-/config/trainer-demo.yaml}" "$@"
 if [ -n "${REWARD_URLS:-}" ]; then
