@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
 from trainer.config import OnlineDPOConfig
-from trainer.service_process import ServiceProcess, running_service
+from trainer.service_process import ServiceProcess
 from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,9 +135,18 @@ def items_scored(url: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def service(demo_models: Any) -> Any:
-    with running_service(demo_models.reward) as url:
-        yield url
+def shared_service(demo_models: Any) -> Any:
+    """The module's reward service; the kill test kills and restarts it on the same port."""
+    service = ServiceProcess(demo_models.reward)
+    service.start()
+    yield service
+    service.stop()
+    service.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def service(shared_service: ServiceProcess) -> str:
+    return shared_service.url
 
 
 @pytest.fixture(scope="module")
@@ -155,21 +164,18 @@ def reference(demo_models: Any, service: str, tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.slow
 def test_reward_service_killed_and_restarted(
-    demo_models: Any, reference: Any, tmp_path: Path
+    demo_models: Any, shared_service: ServiceProcess, reference: Any, tmp_path: Path
 ) -> None:
     """kill -9 the only reward service after step 2, restart it on the same port 10 s later:
     the trainer waits and retries, then finishes exactly as the uninterrupted run."""
-    service = ServiceProcess(demo_models.reward, log_path=tmp_path / "service.log")
-    service.start()
-    restarted: list[ServiceProcess] = []
+    service = shared_service
     timeline: dict[str, float] = {}
+    restarter = threading.Thread(target=lambda: restart_later(), daemon=True)
 
     def restart_later() -> None:
         time.sleep(10)
         timeline["restart"] = time.monotonic()
-        again = ServiceProcess(demo_models.reward, port=service.port, log_path=service.log_path)
-        restarted.append(again)
-        again.start()
+        service.start()  # same port, so the trainer's URL stays valid
         timeline["ready"] = time.monotonic()
 
     class KillService(TrainerCallback):
@@ -178,16 +184,18 @@ def test_reward_service_killed_and_restarted(
                 service.process.send_signal(signal.SIGKILL)
                 service.process.wait()
                 timeline["kill"] = time.monotonic()
-                threading.Thread(target=restart_later, daemon=True).start()
+                restarter.start()
 
     out = tmp_path / "run"
     try:
         trainer = make_trainer(demo_models.root, run_config(out, service.url), [KillService()])
         trainer.train()
-        step3_done = time.monotonic()
+        finished = time.monotonic()
     finally:
-        for s in [service, *restarted]:
-            s.stop()
+        if restarter.is_alive():
+            restarter.join()
+        if service.process.poll() is not None:  # leave a live service to the other tests
+            service.start()
 
     order, metrics = reference
     assert trainer.state.global_step == MAX_STEPS
@@ -195,14 +203,10 @@ def test_reward_service_killed_and_restarted(
     assert trainer.order == order
     assert_same_metrics(train_metrics(out), metrics, range(1, MAX_STEPS + 1))
     # It did wait for the restart, retrying on connection errors meanwhile.
-    assert step3_done > timeline["ready"] > timeline["kill"] + 10
+    assert finished > timeline["ready"] > timeline["kill"] + 10
     retries = [e for e in events(out) if e["event"] == "reward_retry"]
     assert retries and all(e["step"] == 2 for e in retries)
-    assert {e["reason"] for e in retries} <= {
-        "connect_error",
-        "read_error",
-        "remote_protocol_error",
-    }
+    assert "connect_error" in {e["reason"] for e in retries}
 
 
 @pytest.mark.slow

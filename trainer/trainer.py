@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"
 # Checkpoints are written here and renamed into place when complete (see _save_checkpoint).
-STAGING_DIR = ".checkpoint-staging"
+# ("_*" is also outside what push_to_hub uploads from OUTPUT_DIR.)
+STAGING_DIR = "_checkpoint-staging"
 
 
 @dataclass
@@ -374,7 +375,7 @@ class OnlineDPOTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, written atomically: every rank writes into
-        ``OUTPUT_DIR/.checkpoint-staging/checkpoint-N``, which is renamed to
+        ``OUTPUT_DIR/_checkpoint-staging/checkpoint-N``, which is renamed to
         ``OUTPUT_DIR/checkpoint-N`` once complete and synced. A crash mid-save leaves the
         previous checkpoint as the newest one (``transformers`` writes in place)."""
         run_dir = self._get_output_dir(trial=trial)
@@ -385,12 +386,14 @@ class OnlineDPOTrainer(Trainer):
             shutil.rmtree(staging_root, ignore_errors=True)  # what a crashed save left
         self.accelerator.wait_for_everyone()
         # Trainer derives the checkpoint path from _get_output_dir; point it at the staging
-        # area for the duration (rotation there is a no-op: it holds one checkpoint).
+        # area for the duration (rotation there is a no-op: it holds one checkpoint). The
+        # hub push (it may upload in the background) waits for the final directory.
         self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
+        self._push_from_checkpoint = lambda folder: None  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            del self._get_output_dir
+            del self._get_output_dir, self._push_from_checkpoint
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
         if self.args.should_save:
             if self.state.best_model_checkpoint == staged:
@@ -407,6 +410,8 @@ class OnlineDPOTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
         self.accelerator.wait_for_everyone()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
