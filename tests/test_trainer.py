@@ -706,6 +706,22 @@ def test_four_samples_per_prompt_with_tied_pairs_skipped(
         assert logs[step]["objective/scores_margin"] >= 0  # best minus worst
 
 
+def test_skip_tied_pairs_leaves_tied_pairs_out_of_the_loss(
+    demo_models: DemoModels, service: str, tmp_path: Path
+) -> None:
+    """Prompt 3's two samples are equal (a tie, log-ratio 0, loss log 2): the mean over the
+    other 3 pairs when skipped, over all 4 when not."""
+    args = config(tmp_path, service, per_device_train_batch_size=4)
+    trainer = make_trainer(demo_models, args, ref_model=perturbed_policy(demo_models))
+    fixed_generate(trainer.model, completion_ids(trainer.processing_class, COMPLETIONS))
+    with torch.no_grad():
+        kept_all = trainer.compute_loss(trainer.model, {"prompt": PROMPTS}).item()
+        trainer.args.skip_tied_pairs = True
+        skipped = trainer.compute_loss(trainer.model, {"prompt": PROMPTS}).item()
+    assert step_means(trainer)["val/tied_pairs"] == 0.25
+    assert 4 * kept_all == pytest.approx(3 * skipped + math.log(2), abs=1e-5)
+
+
 def test_peft_reference_is_the_base_with_the_adapter_disabled(
     demo_models: DemoModels, service: str, tmp_path: Path
 ) -> None:
