@@ -116,8 +116,9 @@ def test_ddp_two_processes_match_one_process_semantics(
     demo_models: Any, service: str, tmp_path: Path
 ) -> None:
     """2 processes x batch 2 (``accelerate launch``, gloo) vs 1 process x batch 4: both
-    finish with the same steps and logged keys, the loss is a global mean (ln 2 at step 1 in
-    both), rank 0 alone writes metrics and checkpoints, and each rank scores its own pairs."""
+    finish with the same steps, logged keys and epoch (a global batch of 4 per step), loss
+    ln 2 at step 1 in both, metrics and checkpoints written once, each rank scores its own
+    pairs, and the staged checkpoint holds every rank's RNG state."""
     steps, k, global_batch = 4, 2, 4
     base = {
         "model_name_or_path": str(demo_models.policy),
@@ -167,7 +168,7 @@ def test_ddp_two_processes_match_one_process_semantics(
     ddp, single = train_records(ddp_out), train_records(single_out)
     assert [r["step"] for r in ddp] == [r["step"] for r in single] == list(range(1, steps + 1))
     assert set(ddp[0]) == set(single[0])
-    # Step 1: policy == reference, so every pair's loss is ln 2 and the KL is 0 (global means).
+    # Step 1: policy == reference, so every pair's loss is ln 2 and the KL is 0.
     for records in (ddp, single):
         assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert abs(records[0]["objective/kl"]) < 1e-4
