@@ -353,6 +353,8 @@ def hand_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 def test_kl_entropy_and_non_score_reward_leave_padding_out(
     demo_models: DemoModels, service: str, tmp_path: Path
 ) -> None:
+    """KL, entropy, non-score and RLHF reward sum over each completion up to its EOS only
+    (TRL sums the padding after it too), checked against a plain forward by hand."""
     tok = tokenizer(demo_models)
     raw = completion_ids(tok, COMPLETIONS)
     eos = tok.eos_token_id
@@ -381,10 +383,7 @@ def test_kl_entropy_and_non_score_reward_leave_padding_out(
     logps = hand_logps(trainer.model, prompt_ids, prompt_mask, cut, mask)
     ref_logps = hand_logps(ref, prompt_ids, prompt_mask, cut, mask)
     kl = ((logps - ref_logps) * mask).sum(-1)
-    rewards = (
-        spy.futures[0].result()
-        - penalty * (mask.sum(-1) == WIDTH).float() * (~(cut == eos).any(-1)).float()
-    )
+    rewards = spy.futures[0].result() - penalty * (~(cut == eos).any(-1)).float()
     want = {
         "objective/kl": kl.mean().item(),
         "objective/entropy": -(logps * mask).sum(-1).mean().item(),
