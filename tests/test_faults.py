@@ -36,7 +36,7 @@ from trainer.service_process import ServiceProcess
 from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_STEPS = 8
+MAX_STEPS = 6
 SAVE_STEPS = 2
 # Metrics that must match an uninterrupted run (loss to ~1e-5, as float32 on another path).
 COMPARED = ("loss", "objective/scores", "objective/kl", "rewards/margins", "grad_norm")
@@ -268,8 +268,9 @@ def _worker(args_json: str) -> None:
 def test_trainer_killed_then_resumed(
     demo_models: Any, service: str, reference: Any, tmp_path: Path
 ) -> None:
-    """SIGKILL the trainer process during step 6 (checkpoints 2 and 4 exist), resume from the
-    newest checkpoint: the resumed run's metrics equal the uninterrupted run's."""
+    """SIGKILL the trainer process after step 5 (updated, not saved; checkpoints 2 and 4
+    exist), resume from the newest checkpoint: the resumed run's metrics (step 5 redone, then
+    6) equal the uninterrupted run's."""
     out, marker = tmp_path / "run", tmp_path / "blocked"
     spec = {
         "output_dir": str(out),
@@ -303,7 +304,7 @@ def test_trainer_killed_then_resumed(
     assert trainer.state.global_step == MAX_STEPS
     assert counted_steps(trainer) == list(range(5, MAX_STEPS + 1))
     assert trainer.order == order[4:]
-    # Steps 1..4 come from the killed process, 5..8 from the resumed one.
+    # Steps 1..4 come from the killed process, 5..6 from the resumed one (step 5 redone).
     assert_same_metrics(train_metrics(out), metrics, range(1, MAX_STEPS + 1))
 
 
