@@ -235,8 +235,10 @@ def burst_summary(results: Sequence[Result]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main
-def _load_run(model: Path, pool: list[dict[str, Any]], expected: list[float], args) -> dict:
-    service = ServiceProcess(model, env={"REWARD_LOG_LEVEL": "warning"})
+def _load_run(
+    model: Path, pool: list[dict[str, Any]], expected: list[float], args: argparse.Namespace
+) -> dict[str, Any]:
+    service = ServiceProcess(model, env={"REWARD_LOG_LEVEL": "warning", **_threads(args)})
     url = service.start()
     try:
         assert service.process is not None
@@ -254,11 +256,14 @@ def _load_run(model: Path, pool: list[dict[str, Any]], expected: list[float], ar
     return summary
 
 
-def _overload_run(model: Path, pool: list[dict[str, Any]], args) -> dict:
+def _overload_run(
+    model: Path, pool: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
     env = {
         "REWARD_LOG_LEVEL": "warning",
         "REWARD_MAX_QUEUE_ITEMS": str(args.queue_items),
         "REWARD_MAX_ITEMS_PER_REQUEST": str(MAX_ITEMS),
+        **_threads(args),
     }
     service = ServiceProcess(model, env=env)
     url = service.start()
@@ -296,6 +301,10 @@ def _overload_run(model: Path, pool: list[dict[str, Any]], args) -> dict:
     }
 
 
+def _threads(args: argparse.Namespace) -> dict[str, str]:
+    return {"REWARD_NUM_THREADS": str(args.service_threads)} if args.service_threads else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -305,6 +314,9 @@ def main() -> None:
     parser.add_argument("--queue-items", type=int, default=64, help="overload service's queue")
     parser.add_argument("--burst", type=int, default=256, help="simultaneous requests")
     parser.add_argument("--bursts", type=int, default=5)
+    parser.add_argument(
+        "--service-threads", type=int, default=0, help="REWARD_NUM_THREADS (0: torch's choice)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
     args = parser.parse_args()
 
@@ -334,7 +346,12 @@ def main() -> None:
           f"serves afterwards: {overload['serves_after']}")  # fmt: skip
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "pool": args.pool}
+    meta = {
+        "cpus": os.cpu_count(),
+        "service_threads": args.service_threads or "torch default",
+        "pool": args.pool,
+        "load_average_at_end": os.getloadavg(),
+    }
     args.out.write_text(json.dumps({"meta": meta, "load": load, "overload": overload}, indent=2))
     print(f"\nwrote {args.out}")
 
