@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import time
@@ -127,6 +128,57 @@ async def _send(http: httpx.AsyncClient, path: str, body: dict[str, Any], indice
     return Result(indices, 200, latency, scores=response.json()["scores"])
 
 
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: a load generator light enough
+    that on few cores it measures the server rather than itself (httpx costs more CPU per
+    request than the service does)."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.timeout_s = timeout_s
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: dict[str, Any], indices: list[int]) -> Result:
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, headers, payload = await self._exchange(path, body)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            self.close()
+            return Result(indices, None, time.perf_counter() - start, error=repr(exc))
+        latency = time.perf_counter() - start
+        if status != 200:
+            return Result(indices, status, latency, error=payload.decode(errors="replace"),
+                          retry_after=headers.get("retry-after"))  # fmt: skip
+        return Result(indices, 200, latency, scores=json.loads(payload)["scores"])
+
+    async def _exchange(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+            sock = self.streams[1].get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = self.streams
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        writer.write(head.encode() + data)
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        payload = await reader.readexactly(int(headers.get("content-length", 0)))
+        return status, headers, payload
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 async def run_load(
     url: str,
     pool: Sequence[dict[str, Any]],
@@ -136,18 +188,26 @@ async def run_load(
     max_items: int = MAX_ITEMS,
     seed: int = 0,
     timeout_s: float = 60.0,
+    raw: bool = False,
 ) -> tuple[list[Result], float]:
     """``clients`` concurrent clients, each sending ``requests`` requests of 1..max_items pool
-    items back to back (one keep-alive connection each). Returns results and wall seconds."""
+    items back to back (one keep-alive connection each; httpx, or :class:`RawConnection` with
+    ``raw``). Returns results and wall seconds."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client(k: int, http: httpx.AsyncClient) -> list[Result]:
         rng = random.Random(seed * 100_003 + k)
+        connection = RawConnection(url, timeout_s) if raw else None
         out = []
         for _ in range(requests):
             indices = [rng.randrange(len(pool)) for _ in range(rng.randint(1, max_items))]
             body = {"items": [pool[i] for i in indices]}
-            out.append(await _send(http, "/score", body, indices))
+            if connection is not None:
+                out.append(await connection.post("/score", body, indices))
+            else:
+                out.append(await _send(http, "/score", body, indices))
+        if connection is not None:
+            connection.close()
         return out
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
@@ -242,10 +302,13 @@ def _load_run(
     url = service.start()
     try:
         assert service.process is not None
-        asyncio.run(run_load(url, pool, clients=4, requests=5, seed=99))  # warm connections
+        asyncio.run(run_load(url, pool, clients=4, requests=5, seed=99))  # warm up
         results, wall = asyncio.run(
-            run_load(url, pool, clients=args.clients, requests=args.requests, seed=args.seed)
-        )
+            run_load(
+                url, pool, clients=args.clients, requests=args.requests, seed=args.seed,
+                raw=args.client == "raw",
+            )
+        )  # fmt: skip
         memory = memory_kb(service.process.pid)
     finally:
         service.stop()
@@ -315,6 +378,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=256, help="simultaneous requests")
     parser.add_argument("--bursts", type=int, default=5)
     parser.add_argument(
+        "--client", choices=["raw", "httpx"], default="raw",
+        help="load generator: minimal asyncio HTTP/1.1 (default) or httpx",
+    )  # fmt: skip
+    parser.add_argument(
         "--service-threads", type=int, default=0, help="REWARD_NUM_THREADS (0: torch's choice)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
@@ -327,7 +394,8 @@ def main() -> None:
     load = _load_run(model, pool, expected, args)
     overload = _overload_run(model, pool, args)
 
-    print(f"\nLoad: {args.clients} clients x {args.requests} requests, 1..{MAX_ITEMS} mixed items")
+    print(f"\nLoad: {args.clients} clients x {args.requests} requests, 1..{MAX_ITEMS} mixed items, "
+          f"{args.client} client")  # fmt: skip
     print(f"{'requests':>9} {'items':>7} {'errors':>6} {'mismatch':>8} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'req/s':>7} {'items/s':>8} {'RSS MB':>7}")  # fmt: skip
     print(f"{load['requests']:>9} {load['items']:>7} {load['errors']:>6} "
@@ -349,6 +417,7 @@ def main() -> None:
     meta = {
         "cpus": os.cpu_count(),
         "service_threads": args.service_threads or "torch default",
+        "client": args.client,
         "pool": args.pool,
         "load_average_at_end": os.getloadavg(),
     }
