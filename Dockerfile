@@ -40,7 +40,7 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app \
     && chown app:app /models /outputs /config
 COPY --from=build /opt/venv /opt/venv
 # Executable bits come from git (the legacy builder of docker-compose 1.29 has no COPY --chmod).
-COPY docker/init-models.sh docker/train.sh /usr/local/bin/
+COPY docker/init-models.sh docker/serve.sh docker/train.sh /usr/local/bin/
 COPY docker/trainer-demo.yaml /config/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -48,4 +48,4 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER app
 WORKDIR /home/app
 EXPOSE 8000
-CMD ["reward-service", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve.sh"]

@@ -33,6 +33,7 @@ from common.demo_models import DemoModels, builder_key
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
+# Only `reward2` and the trainer runs against it get a key: `reward` runs on the defaults.
 API_KEY = "docker-test-key"
 # Long enough that the redeploy (after step 2) happens mid-run on a fast machine.
 MAX_STEPS = 80
@@ -214,7 +215,6 @@ def stack(
         f"IMAGE={image}\n"
         f"REWARD_HOST_PORT={port}\n"
         f"REWARD2_HOST_PORT={port2}\n"
-        f"REWARD_API_KEY={API_KEY}\n"
         f"TRAINER_ARGS=--max_steps {MAX_STEPS} --eval_strategy no --save_steps {MAX_STEPS // 2}\n"
     )
     s = Stack(
@@ -238,12 +238,8 @@ def test_score_on_published_port(stack: Stack) -> None:
             {"prompt": "The film was", "completion": " awful , boring and bad ."},
         ]
     }
-    denied = httpx.post(f"{stack.url}/score", json=body, timeout=30)
-    assert denied.status_code == 401
-    assert denied.json()["error"]["type"]
-    response = httpx.post(
-        f"{stack.url}/score", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
-    )
+    # No REWARD_API_KEY configured: open access (compose passes it as "", which means none).
+    response = httpx.post(f"{stack.url}/score", json=body, timeout=30)
     assert response.status_code == 200, response.text
     scored = response.json()
     positive, negative = scored["scores"]
@@ -302,10 +298,14 @@ def test_trainer_survives_redeploy_with_other_reward_model(stack: Stack) -> None
 
 
 def test_trainer_uses_two_replicas(stack: Stack) -> None:
-    # Both replicas serve the model `reward` was redeployed with (replicas must agree).
-    alt = {"REWARD_MODEL": "/models/reward_alt"}
+    # Both replicas serve the model `reward` was redeployed with (replicas must agree); the
+    # new one with an API key, which the trainer gets through compose (REWARD_API_KEY).
+    alt = {"REWARD_MODEL": "/models/reward_alt", "REWARD_API_KEY": API_KEY}
     stack("up", "-d", "--no-build", "reward2", env=alt)
     _wait_ready(stack.url2, timeout=120)
+    denied = httpx.post(f"{stack.url2}/score", json={"items": [{"text": "good ."}]}, timeout=30)
+    assert denied.status_code == 401
+    assert denied.json()["error"]["type"] == "unauthorized"
     assert _info(stack.url2)["weights_hash"] == _info(stack.url)["weights_hash"]
     before = _items_scored(stack.url), _items_scored(stack.url2)
     args = f"--max_steps {SCALE_STEPS} --eval_strategy no --save_strategy no"
