@@ -48,7 +48,10 @@ def parse_settings(argv: list[str]) -> ServiceSettings:
                 continue
             name = str(err["loc"][0])
             where = f"--{name.replace('_', '-')} / REWARD_{name.upper()}"
-            got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
+            field = ServiceSettings.model_fields.get(name)
+            secret = field is not None and "SecretStr" in str(field.annotation)
+            echo = err["type"] != "missing" and not secret  # a key is never printed
+            got = f" (got {err['input']!r})" if echo else ""
             print(f"reward-service: error: {where}: {err['msg']}{got}", file=sys.stderr)
         raise SystemExit(2) from None
     model = settings.model

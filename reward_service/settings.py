@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +73,14 @@ class ServiceSettings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(default=False, description="Log one line per HTTP request.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        # A blank key would lock everyone out; more likely an unset variable than a choice.
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the API key is empty; unset it to serve without a key")
+        return key
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> Self:

@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from bench.bench_load import (
     Reference,
@@ -603,6 +604,20 @@ def test_key_and_request_texts_never_reach_the_log(
             assert len(text) < 12 or text not in log
     # The settings never print the key either.
     assert API_KEY not in repr(ServiceSettings(model=str(demo_models.reward), api_key=API_KEY))
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_api_key_is_refused_at_startup(blank: str) -> None:
+    with pytest.raises(ValidationError, match="API key is empty"):
+        ServiceSettings(model="m", api_key=blank)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reward_service", "--model", "m", "--api-key", blank],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--api-key / REWARD_API_KEY: Value error, the API key is empty" in proc.stderr
+    assert "got" not in proc.stderr.split("API key is empty")[1]  # not even a blank one echoed
 
 
 def _strings(value: Any) -> Iterator[str]:
