@@ -268,8 +268,6 @@ def test_trainer_survives_redeploy_with_other_reward_model(stack: Stack) -> None
     info = _info(stack.url)
     assert info["model_id"] == "/models/reward_alt"
     assert info["weights_hash"] != old_hash
-    running = _run(["docker", "inspect", "-f", "{{.State.Running}}", trainer]).stdout.strip()
-    assert running == "true", "the trainer finished before the redeploy: raise MAX_STEPS"
 
     exit_code = _wait_exit(trainer, timeout=600)
     logs = _run(["docker", "logs", trainer])
@@ -281,12 +279,13 @@ def test_trainer_survives_redeploy_with_other_reward_model(stack: Stack) -> None
     assert _items_scored(stack.url) > 0, "the redeployed service scored nothing"
 
     outputs = _copy_out(trainer, "/outputs/demo")
+    assert "demo/events.jsonl" in outputs, "no reward events: was the run over before the redeploy?"
     events = [json.loads(line) for line in outputs["demo/events.jsonl"].decode().splitlines()]
     changes = [e for e in events if e["event"] == "reward_model_changed"]
     assert [(e["old_hash"], e["new_hash"]) for e in changes] == [
         (old_hash, info["weights_hash"])
     ], events
-    assert 0 < changes[0]["step"] < MAX_STEPS
+    assert 0 < changes[0]["step"] < MAX_STEPS, "the change came after the last step"
     # The trainer rode out the outage by retrying, at the step where the model changed.
     retries = [e for e in events if e["event"] == "reward_retry"]
     assert any(e["step"] == changes[0]["step"] for e in retries), events
