@@ -1,7 +1,7 @@
 #!/bin/sh
 # `reward` service: the reward service on 0.0.0.0:8000, settings from REWARD_* variables.
-# Compose sets REWARD_API_KEY to "" when no key is configured; the service would take "" as a
-# key to check (and answer 401 to everyone), so an empty one is removed: no key, open access.
+# Compose sets REWARD_API_KEY to "" when no key is configured, and the service refuses a blank
+# key (it would lock everyone out), so an empty one is removed here: no key, open access.
 set -eu
 if [ -z "${REWARD_API_KEY:-}" ]; then
     unset REWARD_API_KEY
