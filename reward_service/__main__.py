@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.drain_timeout_s,
+        # Longer than clients' pool idle expiry (httpx: 5 s), so a client never reuses a
+        # connection the server is closing at that moment (a ReadError under load).
+        timeout_keep_alive=75,
         lifespan="on",
     )
     state: ServiceState = app.state.service
