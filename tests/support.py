@@ -1,4 +1,9 @@
-"""Constants shared by tests."""
+"""Constants and helpers shared by tests."""
+
+from pathlib import Path
+from typing import Any
+
+from trainer.config import OnlineDPOConfig
 
 # The metric names TRL 1.16's OnlineDPOTrainer logs with a reward model (the issue's list).
 TRL_METRIC_NAMES = frozenset(
@@ -20,3 +25,22 @@ TRL_METRIC_NAMES = frozenset(
     }
 )
 TIMING_NAMES = frozenset({"time/generate", "time/score_wait", "time/forward_backward"})
+
+
+def tiny_config(output_dir: Path, url: str | None, **overrides: Any) -> OnlineDPOConfig:
+    """A few fast CPU steps on the demo models (small batch, short completions, no saving)."""
+    defaults: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "reward_url": url,
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return OnlineDPOConfig(**{**defaults, **overrides})

@@ -19,9 +19,9 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.support import tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
 from trainer.cli import main as cli_main
-from trainer.config import OnlineDPOConfig
 from trainer.losses import dpo_losses
 from trainer.service_process import running_service
 from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
@@ -74,24 +74,9 @@ class RecordingTrainer(OnlineDPOTrainer):
 
 
 def make_trainer(demo_models: Any, dataset: Dataset, output_dir: Path, url: str, **kw: Any) -> Any:
-    config: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "reward_url": url,
-        "per_device_train_batch_size": 4,
-        "max_new_tokens": 8,
-        "temperature": 1.0,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    config.update(kw)
     return RecordingTrainer(
         AutoModelForCausalLM.from_pretrained(demo_models.policy),
-        args=OnlineDPOConfig(**config),
+        args=tiny_config(output_dir, url, **kw),
         processing_class=AutoTokenizer.from_pretrained(demo_models.policy, padding_side="left"),
         train_dataset=dataset,
         callbacks=[MetricsJsonlCallback()],
@@ -178,7 +163,7 @@ def test_ddp_two_processes_match_one_process_semantics(
 
     for out in (ddp_out, single_out):
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-        assert not any((out / STAGING_DIR).iterdir())  # every staged save was renamed
+        assert not (out / STAGING_DIR).exists()  # every staged save was renamed, staging gone
     # One checkpoint written once, holding each rank's RNG state (the resume needs both).
     names = {p.name for p in (ddp_out / "checkpoint-4").iterdir()}
     assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= names

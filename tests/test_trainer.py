@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.client import RewardServiceError
 from common.demo_models import DemoModels
-from tests.support import TIMING_NAMES, TRL_METRIC_NAMES
+from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, tiny_config
 from trainer.config import OnlineDPOConfig
 from trainer.logprobs import completion_token_logps
 from trainer.service_process import running_service
@@ -78,25 +78,14 @@ def service(demo_models: DemoModels) -> Iterator[str]:
 
 
 def config(tmp_path: Path, url: str | None, **overrides: Any) -> OnlineDPOConfig:
-    kwargs: dict[str, Any] = {
-        "output_dir": str(tmp_path / "out"),
-        "reward_url": url,
+    small = {
         "per_device_train_batch_size": 2,
         "max_new_tokens": WIDTH,
-        "temperature": 1.0,
-        "learning_rate": 1e-3,
         "max_steps": 1,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
         "reward_timeout": 10.0,
         "reward_max_retries": 2,
     }
-    kwargs.update(overrides)
-    return OnlineDPOConfig(**kwargs)
+    return tiny_config(tmp_path / "out", url, **{**small, **overrides})
 
 
 def policy(demo_models: DemoModels) -> Any:

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -34,10 +33,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from common.client import RewardClient
 from common.demo_models import ensure_demo_models, true_score
-from common.schemas import ScoreRequest, ScoreResponse
 from trainer.callbacks import CURVE_FILE, METRICS_FILE, MetricsJsonlCallback, RewardCurveCallback
 from trainer.data import load_prompt_dataset
+from trainer.logprobs import completion_token_logps, masked_sum, truncate_after_eos
+from trainer.scoring import score_items
 from trainer.service_process import running_service
 
 SUMMARY_FILE = "demo_summary.json"
@@ -90,36 +91,6 @@ class DemoResult:
     eval_metrics: dict[str, float]
 
 
-def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to and including each row's first EOS, 0 after it (TRL's cut)."""
-    is_eos = completion_ids == eos_id
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    return (~after_eos).long()
-
-
-@torch.no_grad()
-def _sequence_logps(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
-    """Sum of the completion tokens' log-probs (temperature 1) per row."""
-    # Position ids from the mask, as generate() uses them with left padding.
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-    n = completion_mask.shape[1]
-    logps = torch.log_softmax(logits[:, -n - 1 : -1].float(), dim=-1)
-    token_logps = logps.gather(-1, ids[:, -n:].unsqueeze(-1)).squeeze(-1)
-    return (token_logps * completion_mask).sum(-1)
-
-
-def score(url: str, prompts: list[str], completions: list[str]) -> list[float]:
-    """Rewards of prompt + completion pairs from the service's ``POST /score``."""
-    items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
-    request = ScoreRequest.model_validate({"items": items})
-    response = httpx.post(f"{url}/score", json=request.model_dump(exclude_none=True), timeout=60)
-    response.raise_for_status()
-    return ScoreResponse.model_validate(response.json()).scores
-
-
 def measure(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
@@ -148,17 +119,24 @@ def measure(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    completion_ids = out[:, batch["input_ids"].shape[1] :]
-    completion_mask = _completion_mask(completion_ids, tokenizer.eos_token_id)
-    mask = torch.cat([batch["attention_mask"], completion_mask], dim=1)
-    kl = _sequence_logps(policy, out, mask, completion_mask) - _sequence_logps(
-        reference, out, mask, completion_mask
+    prompt_len = batch["input_ids"].shape[1]
+    completion_ids, completion_mask = truncate_after_eos(
+        out[:, prompt_len:], [tokenizer.eos_token_id], tokenizer.pad_token_id
     )
-    completions = tokenizer.batch_decode(
-        completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-        skip_special_tokens=True,
-    )
-    rewards = score(url, repeated, completions)
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        kl = masked_sum(
+            completion_token_logps(
+                policy, prompt_ids, prompt_mask, completion_ids, completion_mask, out.shape[1]
+            )
+            - completion_token_logps(
+                reference, prompt_ids, prompt_mask, completion_ids, completion_mask, out.shape[1]
+            ),
+            completion_mask,
+        )
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    with RewardClient(url, timeout=60) as client:
+        rewards = client.score(score_items(repeated, completions)).scores
     has_eos = (completion_ids == tokenizer.eos_token_id).any(-1)
     samples = [
         {"prompt": p, "completion": c, "reward": r}

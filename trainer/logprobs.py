@@ -19,6 +19,15 @@ def truncate_after_eos(
     return ids, (~after_eos).long()
 
 
+def contains_eos(
+    completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids: list[int]
+) -> torch.Tensor:
+    """Per row: does the completion (within its mask) end with an EOS? Padding never counts,
+    even when the pad token is also the EOS token."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    return (is_eos & completion_mask.bool()).any(-1)
+
+
 def left_truncate(
     prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_len: int, max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ from trainer.generation import (
     tokenize_prompts,
     unwrapped_for_generation,
 )
-from trainer.logprobs import completion_token_logps, masked_sum
+from trainer.logprobs import completion_token_logps, contains_eos, masked_sum
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
 from trainer.scoring import RewardScorer, score_items
 
@@ -215,8 +215,7 @@ class OnlineDPOTrainer(Trainer):
         self._timing["score_wait"] = time.perf_counter() - wait
         self._timing["policy_forward"] = wait - start
 
-        contain_eos = (rollout.completion_ids.unsqueeze(-1) == self._eos_tensor(mask)).any(-1)
-        contain_eos = (contain_eos & mask.bool()).any(-1)
+        contain_eos = contains_eos(rollout.completion_ids, mask, self.eos_token_ids)
         if args.missing_eos_penalty is not None:
             rewards = rewards - args.missing_eos_penalty * (~contain_eos).float()
         pairs = select_pairs(rewards, args.num_samples_per_prompt)
@@ -320,9 +319,6 @@ class OnlineDPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(model if model is not None else self.model)
         return policy, policy.disable_adapter()
 
-    def _eos_tensor(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.eos_token_ids, device=like.device)
-
     # ------------------------------------------------------------------ async generation
 
     def get_batch_samples(
@@ -403,6 +399,7 @@ class OnlineDPOTrainer(Trainer):
             if os.path.isdir(final):  # the same step saved again
                 shutil.rmtree(final)
             os.replace(staged, final)
+            os.rmdir(staging_root)  # empty now: no leftover beside the checkpoints
             _fsync_tree(run_dir, files=False)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -559,8 +556,7 @@ class OnlineDPOTrainer(Trainer):
         if ref_logps is None:
             ref_logps = self._ref_token_logps(policy, mine)
         mask = mine.completion_mask
-        eos = (mine.completion_ids.unsqueeze(-1) == self._eos_tensor(mask)).any(-1)
-        contain_eos = (eos & mask.bool()).any(-1).float()
+        contain_eos = contains_eos(mine.completion_ids, mask, self.eos_token_ids).float()
         kl = masked_sum(logps - ref_logps, mask)
         return mine.scores.result(), theirs.scores.result(), kl, contain_eos
 
