@@ -1,18 +1,21 @@
 """Sync vs async generation on the same budget: throughput and final reward.
 
-Both modes train the built-in demo policy against a real reward-service subprocess with the
-same config, seed and number of steps; only ``async_generation`` differs. Each run is its own
+Each mode trains the built-in demo policy against a real reward-service subprocess with the
+same config, seed and number of steps; only ``async_generation`` (and its backend: the
+rollout process, the default on CPU, or a thread) differs. Each run is its own
 subprocess (clean threads and memory), and the modes alternate over repeats so that a noisy
 neighbour hits both. Measured per run:
 
-- completion tokens/s: completion tokens sampled for training / wall time of ``train()``;
+- completion tokens/s: completion tokens sampled for training / wall time of ``train()``
+  (it moves with the completions' length, which each mode's policy sets for itself);
+- samples/s: completions sampled for training / wall time (the same count in both modes);
 - step time (median over the steps after the warm-up);
 - reward: mean ``objective/scores`` over the last ``--last`` steps, and ``eval_reward_mean``
   (one completion per held-out prompt, fixed sampling seed) after training.
 
 Prints a table and writes JSON (default ``bench/results/async.json``)::
 
-    python bench/bench_async.py [--steps 120] [--repeats 2]
+    python bench/bench_async.py [--steps 200] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("sync", "async")
+# "async" is the default backend on CPU (a rollout process); "async-thread" the thread one.
+MODES = ("sync", "async", "async-thread")
 TARGET_SPEEDUP = 1.3
 
 
@@ -71,7 +75,8 @@ def run_worker(opts: argparse.Namespace) -> None:
         config = OnlineDPOConfig(
             output_dir=out,
             reward_url=opts.url,
-            async_generation=opts.worker == "async",
+            async_generation=opts.worker != "sync",
+            async_generation_backend="thread" if opts.worker == "async-thread" else "auto",
             max_steps=opts.steps,
             per_device_train_batch_size=opts.batch_size,
             num_samples_per_prompt=opts.k,
@@ -109,6 +114,8 @@ def run_worker(opts: argparse.Namespace) -> None:
         "train_wall_s": wall,
         "completion_tokens": tokens,
         "tokens_per_s": tokens / wall,
+        "samples_per_s": per_step * len(clock.logs) / wall,
+        "completion_length": tokens / (per_step * len(clock.logs)),
         "step_time_median_s": statistics.median(steps),
         "final_scores": statistics.fmean(
             log["objective/scores"] for log in clock.logs[-opts.last :]
@@ -141,8 +148,8 @@ def _run_one(mode: str, opts: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 SUMMARY_KEYS = (
-    "tokens_per_s", "step_time_median_s", "train_wall_s", "final_scores", "eval_reward_mean",
-    "eval_win_rate", "final_kl",
+    "tokens_per_s", "samples_per_s", "completion_length", "step_time_median_s", "train_wall_s",
+    "final_scores", "eval_reward_mean", "eval_win_rate", "final_kl",
 )  # fmt: skip
 
 
@@ -160,31 +167,37 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _table(results: dict[str, Any]) -> str:
     rows = [
-        ("completion tokens/s", "tokens_per_s", "{:12.1f}"),
-        ("step time, median (s)", "step_time_median_s", "{:12.3f}"),
-        ("train wall time (s)", "train_wall_s", "{:12.1f}"),
-        ("objective/scores, last steps", "final_scores", "{:12.3f}"),
-        ("eval_reward_mean", "eval_reward_mean", "{:12.3f}"),
-        ("eval_win_rate vs reference", "eval_win_rate", "{:12.3f}"),
-        ("objective/kl, last steps", "final_kl", "{:12.2f}"),
+        ("completion tokens/s", "tokens_per_s", "{:14.1f}"),
+        ("samples/s", "samples_per_s", "{:14.1f}"),
+        ("completion length (tokens)", "completion_length", "{:14.2f}"),
+        ("step time, median (s)", "step_time_median_s", "{:14.3f}"),
+        ("train wall time (s)", "train_wall_s", "{:14.1f}"),
+        ("objective/scores, last steps", "final_scores", "{:14.3f}"),
+        ("eval_reward_mean", "eval_reward_mean", "{:14.3f}"),
+        ("eval_win_rate vs reference", "eval_win_rate", "{:14.3f}"),
+        ("objective/kl, last steps", "final_kl", "{:14.2f}"),
     ]
-    lines = [f"{'':32}{'sync':>12}{'async':>12}{'async/sync':>12}"]
+    head = "".join(f"{m:>14}" for m in MODES) + "".join(f"{m + '/sync':>20}" for m in MODES[1:])
+    lines = [f"{'':32}{head}"]
     for name, key, fmt in rows:
-        s, a = results["sync"][key], results["async"][key]
-        ratio = a / s if s else float("nan")
-        lines.append(f"{name:32}{fmt.format(s)}{fmt.format(a)}{ratio:12.2f}")
+        values = [results[m][key] for m in MODES]
+        cells = "".join(fmt.format(v) for v in values)
+        base = values[0] or float("nan")
+        ratios = "".join(f"{v / base:20.2f}" for v in values[1:])
+        lines.append(f"{name:32}{cells}{ratios}")
     for key in ("time/generate", "time/score_wait", "time/forward_backward"):
-        s, a = (results[m]["timing_s"][key] for m in MODES)
-        lines.append(f"{key + ' (s)':32}{s:12.3f}{a:12.3f}")
-    speedup = results["speedup"]
-    verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
-    lines.append(f"throughput speedup {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: {verdict})")
+        cells = "".join(f"{results[m]['timing_s'][key]:14.3f}" for m in MODES)
+        lines.append(f"{key + ' (s)':32}{cells}")
+    for name, key in (("completion tokens/s", "speedup"), ("samples/s", "speedup_samples")):
+        speedup = results[key]
+        verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
+        lines.append(f"speedup in {name}: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: {verdict})")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=200, help="the demo's length")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of step times")
     parser.add_argument("--last", type=int, default=20, help="steps averaged for the reward")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -227,6 +240,9 @@ def main() -> None:
                 )
     results: dict[str, Any] = {m: _summary(runs[m]) for m in MODES}
     results["speedup"] = results["async"]["tokens_per_s"] / results["sync"]["tokens_per_s"]
+    results["speedup_samples"] = (
+        results["async"]["samples_per_s"] / results["sync"]["samples_per_s"]
+    )
     results["target_speedup"] = TARGET_SPEEDUP
     results["config"] = {
         k: getattr(opts, k)

@@ -135,8 +135,11 @@ def run_worker(opts: argparse.Namespace) -> None:
         "step_time_mean_s": statistics.fmean(steps),
         "step_time_median_s": statistics.median(steps),
         "train_wall_s": total,
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # ru_maxrss is in KiB on Linux. Children: the rollout process of async mode (joined
+        # by then); its peak is added to the trainer's (an upper bound: shared weights count
+        # twice).
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "final_scores": statistics.fmean(log["objective/scores"] for log in train_logs[-5:]),
         "timing_s": {
             key: statistics.fmean(log[key] for log in measured)
@@ -186,7 +189,7 @@ def _table(results: dict[str, Any]) -> str:
     rows = [
         ("step time, mean (s)", lambda r, i: r["step_time_mean_s"]),
         ("step time, median (s)", lambda r, i: r["step_time_median_s"]),
-        ("trainer peak RSS (MiB)", lambda r, i: r["peak_rss_mb"]),
+        ("trainer peak RSS (MiB, + rollout proc)", lambda r, i: r["peak_rss_mb"]),
         (
             "trainer + service peak RSS (MiB)",
             lambda r, i: r["peak_rss_mb"] + (service_rss if i != "trl" else 0.0),
@@ -194,19 +197,19 @@ def _table(results: dict[str, Any]) -> str:
         ("objective/scores, last 5 steps", lambda r, i: r["final_scores"]),
     ]
     head = "".join(f"{LABELS[i]:>14}" for i in IMPLS)
-    lines = [f"{'':34}{head}{'sync/TRL':>10}{'async/TRL':>10}"]
+    lines = [f"{'':40}{head}{'sync/TRL':>10}{'async/TRL':>10}"]
     for name, get in rows:
         values = {i: get(results[i], i) for i in IMPLS}
         cells = "".join(f"{values[i]:14.3f}" for i in IMPLS)
         lines.append(
-            f"{name:34}{cells}{values['ours'] / values['trl']:10.2f}"
+            f"{name:40}{cells}{values['ours'] / values['trl']:10.2f}"
             f"{values['ours-async'] / values['trl']:10.2f}"
         )
     for key in TIMING_KEYS:
         cells = "".join(
             f"{results[i].get('timing_s', {}).get(key, float('nan')):14.3f}" for i in IMPLS
         )
-        lines.append(f"  {key:32}{cells}")
+        lines.append(f"  {key:38}{cells}")
     ratios = results["ratios"]
     for key, target in TARGETS.items():
         for mode in ("sync", "async"):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from tests.support import tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
@@ -173,8 +174,9 @@ def test_ddp_two_processes_match_one_process_semantics(
 # ----------------------------------------------------------------------------- async
 
 
+@pytest.mark.parametrize("backend", ["process", "thread"])
 def test_async_generation_same_data_one_step_stale(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, service: str, tmp_path: Path, backend: str
 ) -> None:
     """Async mode trains the same batches in the same order as sync mode, each sampled by the
     weights of at most one step before (0 on the first step of an epoch), and scores no
@@ -187,7 +189,10 @@ def test_async_generation_same_data_one_step_stale(
         trainer = make_trainer(
             demo_models, dataset, tmp_path / f"async-{mode}", service,
             per_device_train_batch_size=8, max_steps=steps, async_generation=mode,
+            async_generation_backend=backend,
         )  # fmt: skip
+        if mode:
+            assert trainer._async_backend() == backend
         trainer.train()
         runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
         assert trainer.state.global_step == steps
@@ -200,6 +205,70 @@ def test_async_generation_same_data_one_step_stale(
     assert torch.equal(asy.steps[0]["rewards"], sync.steps[0]["rewards"])
     assert async_records[0]["loss"] == pytest.approx(sync_records[0]["loss"], abs=1e-6)
     assert not asy._pending and asy._rollout_pool._work_queue.empty()
+    assert asy._rollout_process is None  # closed with the run
+
+
+def test_async_process_backend_samples_in_another_process(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """The process backend's rollout process has its own pid, holds the reference, and its
+    samples follow the published weights: two runs with the same seed are identical."""
+    records = []
+    for run in range(2):
+        trainer = make_trainer(
+            demo_models, prompts(demo_models, 16), tmp_path / f"p{run}", service,
+            per_device_train_batch_size=4, max_steps=4, async_generation=True,
+            async_generation_backend="process",
+        )  # fmt: skip
+        pids: list[int] = []
+        trainer.add_callback(RolloutPidSpy(trainer, pids))
+        trainer.train()
+        assert len(set(pids)) == 1 and pids[0] != os.getpid()
+        assert not process_alive(pids[0])  # the process ends with the run
+        records.append([{k: r[k] for k in ("loss", "objective/scores")} for r in train_records(
+            tmp_path / f"p{run}")])  # fmt: skip
+    assert records[0] == records[1]
+
+
+def test_async_process_death_is_a_clear_error(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """A rollout process killed mid-run stops training with an error that says so (no hang,
+    no made-up rollout)."""
+    trainer = make_trainer(
+        demo_models, prompts(demo_models, 32), tmp_path / "dead", service,
+        per_device_train_batch_size=4, max_steps=8, async_generation=True,
+        async_generation_backend="process",
+    )  # fmt: skip
+
+    class Killer(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                os.kill(trainer._rollout_process._process.pid, signal.SIGKILL)
+
+    trainer.add_callback(Killer())
+    with pytest.raises(RuntimeError, match="rollout process exited with code -9"):
+        trainer.train()
+    # Step 3's rollout may have been sampled before the kill; nothing after it is trained.
+    assert trainer.state.global_step in (2, 3)
+    assert trainer._rollout_process is None
+
+
+class RolloutPidSpy(TrainerCallback):
+    def __init__(self, trainer: OnlineDPOTrainer, pids: list[int]) -> None:
+        self.trainer, self.pids = trainer, pids
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.pids.append(self.trainer._rollout_process._process.pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Is ``pid`` a live (not zombie) process?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
 
 
 # ----------------------------------------------------------------------------- K samples
@@ -234,7 +303,7 @@ def test_skip_tied_pairs_leaves_ties_out_of_the_loss(
     b = 8
     trainer = make_trainer(
         demo_models, prompts(demo_models, 32), tmp_path / "ties", service,
-        per_device_train_batch_size=b, temperature=0.3, skip_tied_pairs=True, max_steps=4,
+        per_device_train_batch_size=b, temperature=0.05, skip_tied_pairs=True, max_steps=4,
     )  # fmt: skip
     trainer.train()
     records = train_records(tmp_path / "ties")

@@ -710,14 +710,17 @@ def test_skip_tied_pairs_leaves_tied_pairs_out_of_the_loss(
     assert 4 * kept_all == pytest.approx(3 * skipped + math.log(2), abs=1e-5)
 
 
+@pytest.mark.parametrize("async_generation", [False, True])
 def test_peft_reference_is_the_base_with_the_adapter_disabled(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, service: str, tmp_path: Path, async_generation: bool
 ) -> None:
+    """Also in async mode, where a copy of the PEFT model samples in the rollout process."""
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")  # fmt: skip
-    args = config(tmp_path, service, max_steps=2, learning_rate=1e-2)
+    args = config(tmp_path, service, max_steps=2, learning_rate=1e-2,
+                  async_generation=async_generation)  # fmt: skip
     trainer = make_trainer(demo_models, args, peft_config=lora)
     assert trainer.ref_model is None  # no second copy of the weights
     base = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora" not in k}
@@ -754,6 +757,7 @@ def test_peft_reference_is_the_base_with_the_adapter_disabled(
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"reward_timeout": 0.0}, "reward_timeout"),
         ({"reward_max_retries": -1}, "reward_max_retries"),
+        ({"async_generation_backend": "gpu"}, "async_generation_backend"),
         ({"reward_url": "ftp://example"}, "reward_url"),
     ],
 )

@@ -58,10 +58,16 @@ class OnlineDPOConfig(TrainingArguments):
         skip_tied_pairs (`bool`, defaults to `False`):
             Leave pairs whose two rewards are equal out of the loss (they carry no preference).
         async_generation (`bool`, defaults to `False`):
-            Generate and score the next batch in a background thread, with the weights of the
-            step before, while this batch is trained ("Asynchronous RLHF", Noukhovitch et al.
-            2024): at most one step off-policy; the staleness is logged as
-            ``async/staleness``. Holds one extra copy of the policy for sampling.
+            Generate and score the next batch with the weights of the step before while this
+            batch is trained ("Asynchronous RLHF", Noukhovitch et al. 2024): at most one step
+            off-policy; the staleness is logged as ``async/staleness``. Holds one extra copy
+            of the policy for sampling.
+        async_generation_backend (`str`, defaults to `"auto"`):
+            Where async sampling runs: ``"process"`` (a spawned process with its own copy of
+            the policy and reference; CPU training only; the training script must start under
+            ``if __name__ == "__main__":``), ``"thread"`` (a thread of the trainer: shares its
+            GIL, so on CPU the two mostly take turns), or ``"auto"`` (process on CPU without
+            DeepSpeed/FSDP, thread otherwise).
         reward_url (`list[str]`):
             Base URL of the reward service; several (a list, or comma-separated) are used with
             least-outstanding-requests routing and failover.
@@ -128,6 +134,13 @@ class OnlineDPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Generate/score the next batch while this one trains (1 step stale)."},
     )
+    async_generation_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Async sampling in a 'process' (CPU), a 'thread', or 'auto'.",
+            "choices": ["auto", "process", "thread"],
+        },
+    )
     reward_url: list[str] | None = field(
         default=None,
         metadata={"help": "Reward service base URL(s); several for replicas (comma-separated)."},
@@ -186,6 +199,11 @@ class OnlineDPOConfig(TrainingArguments):
         )
         require(self.loss_type in ("sigmoid", "ipo"), "loss_type", "'sigmoid' or 'ipo'")
         require(self.num_samples_per_prompt >= 2, "num_samples_per_prompt", ">= 2")
+        require(
+            self.async_generation_backend in ("auto", "process", "thread"),
+            "async_generation_backend",
+            "'auto', 'process' or 'thread'",
+        )
         require(self.reward_timeout > 0, "reward_timeout", "> 0")
         require(self.reward_max_retries >= 0, "reward_max_retries", ">= 0")
 

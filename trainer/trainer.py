@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from torch import nn
 from transformers import (
@@ -49,6 +50,7 @@ from trainer.generation import (
 )
 from trainer.logprobs import completion_token_logps, contains_eos, masked_sum
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
+from trainer.rollout_process import RolloutProcess, SampleRequest
 from trainer.scoring import RewardScorer, score_items
 
 logger = logging.getLogger(__name__)
@@ -179,11 +181,14 @@ class OnlineDPOTrainer(Trainer):
             on_event=self._on_reward_event,
         )
         self.scorer.check()
-        # Async generation: rollouts sampled by a copy of the policy in a background thread.
+        # Async generation: rollouts prepared in a background thread, sampled there by a copy
+        # of the policy (thread backend) or handed to a rollout process (process backend).
         self._sampler: nn.Module | None = None
         self._sampler_version = -1
+        self._rollout_process: RolloutProcess | None = None
         self._rollout_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
-        self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
+        self._micro = (-1, 0)  # (step, rollouts taken in it): the sync path's micro-batch index
+        self._pending: deque[tuple[list[Prompt], Future[Rollout] | None]] = deque()
         self._lookahead: tuple[Any, list[dict[str, Any]]] | None = None
 
     @property
@@ -253,55 +258,91 @@ class OnlineDPOTrainer(Trainer):
     def _take_rollout(self, model: nn.Module, prompts: list[Prompt]) -> Rollout:
         """This batch's rollout: prepared in the background (async mode) or sampled now."""
         start = time.perf_counter()
+        step = self.state.global_step
+        micro = self._micro[1] if self._micro[0] == step else 0
+        self._micro = (step, micro + 1)
         if self._pending:
             expected, future = self._pending.popleft()
-            if expected == prompts:
+            if expected != prompts:
+                logger.warning("async rollout queue out of step with the data; sampling in place")
+                self._cancel_pending()
+            elif future is not None:  # None: nothing sampled ahead, sample in place
                 rollout = future.result()
                 self._timing["generate"] = time.perf_counter() - start
-                self.stats["async/staleness"].append(
-                    float(self.state.global_step - rollout.policy_version)
-                )
+                self.stats["async/staleness"].append(float(step - rollout.policy_version))
                 return rollout
-            logger.warning("async rollout queue out of step with the data; sampling in place")
-            self._cancel_pending()
         with unwrapped_for_generation(model, self.accelerator) as policy:
-            rollout = self._rollout(policy, prompts, self.state.global_step)
+            rollout = self._rollout(policy, prompts, step, self._rollout_seed(step, micro))
         self._timing["generate"] = rollout.generate_seconds
         if self.args.async_generation:
             self.stats["async/staleness"].append(0.0)
         return rollout
+
+    def _rollout_seed(self, step: int, micro: int) -> int:
+        """The sampling seed of a training batch, from its place in the run (step,
+        micro-batch, rank): sync and async modes, and a resumed run, sample alike."""
+        args, acc = self.args, self.accelerator
+        index = (step * args.gradient_accumulation_steps + micro) * acc.num_processes
+        return (args.seed * 0x9E3779B97F4A7C15 + index + acc.process_index) % 2**63
 
     def _rollout(
         self,
         policy: nn.Module,
         prompts: list[Prompt],
         version: int,
+        seed: int | None = None,
         num_samples: int | None = None,
         with_ref: bool = True,
     ) -> Rollout:
-        """Sample K completions per prompt, send them to ``/score``, and, while the request
-        is in flight, compute the reference log-probs."""
-        tok = self.processing_class
+        """Sample K completions per prompt (with ``seed``, leaving the global RNG as it was),
+        send them to ``/score``, and, while the request is in flight, compute the reference
+        log-probs."""
         k = num_samples or self.args.num_samples_per_prompt
         device = next(policy.parameters()).device
-        with self._tokenizer_lock:
-            prompt_ids, prompt_mask = tokenize_prompts(render_prompts(prompts, tok), tok, device)
-        start = time.perf_counter()
-        prompt_ids, prompt_mask, completion_ids, completion_mask = sample_completions(
-            policy, prompt_ids, prompt_mask, self.generation_config, k, self.eos_token_ids,
-            tok.pad_token_id,
-        )  # fmt: skip
-        generate_seconds = time.perf_counter() - start
-        with self._tokenizer_lock:
-            completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        scores = self.scorer.submit(score_items(list(prompts) * k, completions))
-        rollout = Rollout(
-            list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, scores,
-            None, version, generate_seconds,
-        )  # fmt: skip
+        prompt_ids, prompt_mask = self._tokenize(prompts, device)
+        seeded = nullcontext()
+        if seed is not None:
+            seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with seeded:
+            if seed is not None:
+                torch.manual_seed(seed)
+            start = time.perf_counter()
+            sampled = sample_completions(
+                policy, prompt_ids, prompt_mask, self.generation_config, k, self.eos_token_ids,
+                self.processing_class.pad_token_id,
+            )  # fmt: skip
+            generate_seconds = time.perf_counter() - start
+        rollout = self._send_to_score(prompts, *sampled, version, generate_seconds)
         if with_ref and self.ref_model is not None:
             rollout.ref_logps = self._ref_token_logps(None, rollout)
         return rollout
+
+    def _tokenize(self, prompts: list[Prompt], device: torch.device) -> tuple[Any, Any]:
+        tok = self.processing_class
+        with self._tokenizer_lock:
+            return tokenize_prompts(render_prompts(prompts, tok), tok, device)
+
+    def _send_to_score(
+        self,
+        prompts: list[Prompt],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        version: int,
+        generate_seconds: float,
+    ) -> Rollout:
+        """Decode the completions and send them to ``/score`` (the rewards come later)."""
+        with self._tokenizer_lock:
+            completions = self.processing_class.batch_decode(
+                completion_ids, skip_special_tokens=True
+            )
+        k = completion_ids.shape[0] // len(prompts)
+        scores = self.scorer.submit(score_items(list(prompts) * k, completions))
+        return Rollout(
+            list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, scores,
+            None, version, generate_seconds,
+        )  # fmt: skip
 
     @torch.no_grad()
     def _ref_token_logps(self, model: nn.Module | None, rollout: Rollout) -> torch.Tensor:
@@ -328,42 +369,95 @@ class OnlineDPOTrainer(Trainer):
         they are sampled (with this step's weights) while this step trains."""
         if not self.args.async_generation:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step
         if self._lookahead is not None and self._lookahead[0] is epoch_iterator:
             batches = self._lookahead[1]
         else:  # first step, new epoch or resumed run: nothing was prefetched
             self._cancel_pending()
             batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         upcoming: list = []
-        if self.state.global_step + 1 < self.state.max_steps:  # no rollout past the last step
+        if step + 1 < self.state.max_steps:  # no rollout past the last step
             upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._lookahead = (epoch_iterator, upcoming)
-        snapshot = self._snapshot_weights()
-        for batch in (batches if not self._pending else []) + upcoming:
-            prompts = list(batch["prompt"])
-            future = self._rollout_pool.submit(self._background_rollout, prompts, snapshot)
-            self._pending.append((prompts, future))
+        current = [] if self._pending else batches  # not sampled ahead
+        weights = self._publish_weights()
+        todo = [(step, current), (step + 1, upcoming)]
+        if self._rollout_process is not None:
+            # What was not sampled ahead is sampled in place (staleness 0); on the first
+            # step that overlaps the rollout process's start-up (its imports take seconds).
+            self._pending.extend((list(b["prompt"]), None) for b in current)
+            todo = [(step + 1, upcoming)]
+        for batch_step, group in todo:
+            for micro, batch in enumerate(group):
+                prompts = list(batch["prompt"])
+                seed = self._rollout_seed(batch_step, micro)
+                future = self._rollout_pool.submit(self._background_rollout, prompts, weights, seed)
+                self._pending.append((prompts, future))
         return batches, None
 
-    def _snapshot_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+    def _async_backend(self) -> str:
+        backend = self.args.async_generation_backend
+        sharded = self.accelerator.distributed_type in (
+            DistributedType.DEEPSPEED,
+            DistributedType.FSDP,
+        )
+        on_cpu = self.args.device.type == "cpu"
+        if backend == "process" and (sharded or not on_cpu):
+            raise ValueError(
+                "async_generation_backend='process' needs CPU training without DeepSpeed/FSDP "
+                f"(device {self.args.device}, {self.accelerator.distributed_type}); use 'thread'"
+            )
+        if backend == "auto":
+            return "process" if on_cpu and not sharded else "thread"
+        return backend
+
+    def _publish_weights(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """This step's weights for the rollouts started now: copied into the rollout
+        process's shared memory, or a snapshot for the sampling thread."""
         policy = self.accelerator.unwrap_model(self.model)
-        state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        return self.state.global_step, state
+        version = self.state.global_step
+        if self._async_backend() == "thread":
+            return version, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        if self._rollout_process is None:
+            self._rollout_process = RolloutProcess(
+                policy, self.generation_config, self.eos_token_ids,
+                self.processing_class.pad_token_id,
+            )  # fmt: skip
+        self._rollout_process.publish(version, policy.state_dict())
+        return version, None
 
     def _background_rollout(
-        self, prompts: list[Prompt], snapshot: tuple[int, dict[str, torch.Tensor]]
+        self, prompts: list[Prompt], weights: tuple[int, dict[str, torch.Tensor] | None], seed: int
     ) -> Rollout:
-        version, state = snapshot
+        version, state = weights
+        if state is None:
+            return self._process_rollout(prompts, version, seed)
         if self._sampler is None:
             policy = self.accelerator.unwrap_model(self.model)
             self._sampler = copy.deepcopy(policy).eval().requires_grad_(False)
         if self._sampler_version != version:
             self._sampler.load_state_dict(state)
             self._sampler_version = version
-        return self._rollout(self._sampler, prompts, version)
+        return self._rollout(self._sampler, prompts, version, seed)
+
+    def _process_rollout(self, prompts: list[Prompt], version: int, seed: int) -> Rollout:
+        """A rollout sampled in the rollout process (its reference log-probs are computed at
+        training time)."""
+        assert self._rollout_process is not None
+        prompt_ids, prompt_mask = self._tokenize(prompts, torch.device("cpu"))
+        k = self.args.num_samples_per_prompt
+        result = self._rollout_process.sample(
+            SampleRequest(prompt_ids, prompt_mask, k, version, seed)
+        )
+        return self._send_to_score(
+            prompts, result.prompt_ids, result.prompt_mask, result.completion_ids,
+            result.completion_mask, version, result.generate_seconds,
+        )  # fmt: skip
 
     def _cancel_pending(self) -> None:
         for _, future in self._pending:
-            future.cancel()
+            if future is not None:
+                future.cancel()
         self._pending.clear()
         self._lookahead = None
 
@@ -416,6 +510,9 @@ class OnlineDPOTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self._cancel_pending()
+            if self._rollout_process is not None:
+                self._rollout_process.close()  # waits for a rollout still being sampled
+                self._rollout_process = None
 
     # ------------------------------------------------------------------ metrics
 

@@ -1,0 +1,197 @@
+"""Async generation in a separate process.
+
+A thread that samples beside the update shares the trainer's GIL, and on CPU a small model's
+generation is mostly Python: the two take turns instead of overlapping. Here a spawned process
+holds its own copy of the policy and samples the next batch while the trainer updates (the
+trainer keeps the reference forward: sampling is the longer half of a step). After each
+optimizer step the trainer copies its weights into one of two shared-memory slots; the process
+loads them when a request names a newer version. Two slots, alternating by version, mean the
+trainer never writes the slot that a running request may still be reading (that request
+belongs to the step before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from transformers import GenerationConfig
+
+from trainer.generation import sample_completions
+
+START_TIMEOUT_S = 300.0
+_MAIN_GUARD_HINT = (
+    "scripts that train with async_generation (process backend) must start training under "
+    "`if __name__ == '__main__':`, because the rollout process is spawned and imports the "
+    "main module"
+)
+
+
+@dataclass
+class SampleRequest:
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    num_samples: int
+    version: int  # the weight slot to sample with is version % 2
+    seed: int
+
+
+@dataclass
+class SampleResult:
+    prompt_ids: torch.Tensor  # repeated K times, block layout
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    generate_seconds: float
+
+
+@dataclass
+class _Sampling:
+    """What the process needs besides the weights."""
+
+    generation_config: GenerationConfig
+    eos_token_ids: list[int]
+    pad_token_id: int
+    num_threads: int
+
+
+class RolloutProcess:
+    """A spawned process that samples completions with a copy of ``policy`` (weights published
+    with :meth:`publish`). CPU only.
+
+    The two processes split the intra-op threads (``num_threads`` here, the rest stay with the
+    trainer until :meth:`close`): more threads than cores makes both wait on each other.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        generation_config: GenerationConfig,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+    ) -> None:
+        state = policy.state_dict()
+        self._slots = [
+            {k: v.detach().clone().share_memory_() for k, v in state.items()} for _ in range(2)
+        ]
+        sampler = copy.deepcopy(policy).eval().requires_grad_(False)
+        self._trainer_threads = torch.get_num_threads()
+        num_threads = max(1, self._trainer_threads // 2)
+        sampling = _Sampling(generation_config, eos_token_ids, pad_token_id, num_threads)
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve,
+            args=(child, sampler, self._slots, sampling),
+            name="online-dpo-rollout",
+            daemon=True,
+        )
+        self._lock = threading.Lock()
+        self._ready = False  # the first request waits for the start-up (imports take seconds)
+        self._process.start()
+        child.close()
+        torch.set_num_threads(max(1, self._trainer_threads - num_threads))
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Make ``state`` the weights of ``version`` (sampling requests name the version)."""
+        slot = self._slots[version % 2]
+        with torch.no_grad():
+            for name, value in state.items():
+                slot[name].copy_(value)
+
+    def sample(self, request: SampleRequest) -> SampleResult:
+        """Sample as requested; blocks (without the GIL) until the process answers."""
+        with self._lock:
+            self._wait_ready()
+            try:
+                self._conn.send(request)
+            except OSError as e:  # a dead process: broken pipe
+                raise self._died("sampling") from e
+            status, payload = self._receive(None, "sampling")
+        if status != "ok":
+            raise RuntimeError(f"rollout process failed:\n{payload}")
+        return payload
+
+    def _wait_ready(self) -> None:
+        if not self._ready:
+            status, detail = self._receive(START_TIMEOUT_S, "start-up")
+            if status != "ready":
+                raise RuntimeError(f"rollout process failed to start:\n{detail}")
+            self._ready = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._process.is_alive():
+                with contextlib.suppress(OSError):  # it may die between the check and here
+                    self._conn.send(None)
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._conn.close()
+        torch.set_num_threads(self._trainer_threads)
+
+    def _receive(self, timeout: float | None, what: str) -> tuple[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._conn.poll(1.0):
+                if not self._process.is_alive():
+                    raise EOFError
+                if deadline is not None and time.monotonic() > deadline:
+                    self._process.kill()
+                    raise RuntimeError(f"rollout process silent for {timeout:.0f} s ({what})")
+            return self._conn.recv()
+        except (EOFError, OSError) as e:  # a dead process: EOF or a reset pipe
+            raise self._died(what) from e
+
+    def _died(self, what: str) -> RuntimeError:
+        self._process.join(5.0)
+        hint = f" ({_MAIN_GUARD_HINT})" if what == "start-up" else ""
+        code = self._process.exitcode
+        return RuntimeError(f"rollout process exited with code {code} during {what}{hint}")
+
+
+def _serve(
+    conn: Connection,
+    sampler: nn.Module,
+    slots: list[dict[str, torch.Tensor]],
+    sampling: _Sampling,
+) -> None:
+    """The process's loop: one request at a time until ``None`` or a closed pipe."""
+    torch.set_num_threads(sampling.num_threads)
+    loaded_version: int | None = None
+    conn.send(("ready", None))
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        try:
+            if request.version != loaded_version:
+                sampler.load_state_dict(slots[request.version % 2])
+                loaded_version = request.version
+            conn.send(("ok", _sample(sampler, request, sampling)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+@torch.no_grad()
+def _sample(sampler: nn.Module, request: SampleRequest, sampling: _Sampling) -> SampleResult:
+    torch.manual_seed(request.seed)
+    start = time.perf_counter()
+    sampled = sample_completions(
+        sampler, request.prompt_ids, request.prompt_mask, sampling.generation_config,
+        request.num_samples, sampling.eos_token_ids, sampling.pad_token_id,
+    )  # fmt: skip
+    return SampleResult(*sampled, generate_seconds=time.perf_counter() - start)
