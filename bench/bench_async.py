@@ -1,10 +1,12 @@
 """Sync vs async generation on the same budget: throughput and final reward.
 
 Each mode trains the built-in demo policy against a real reward-service subprocess with the
-same config, seed and number of steps; only ``async_generation`` (and its backend: the
-rollout process, the default on CPU, or a thread) differs. Each run is its own
-subprocess (clean threads and memory), and the modes alternate over repeats so that a noisy
-neighbour hits both. Measured per run:
+same config and number of steps; only ``async_generation`` (and its backend: the rollout
+process, the default on CPU, or a thread) differs. Repeat ``i`` runs every mode with seed
+``--seed + i``, so the spread over repeats is the seed-to-seed noise of the reward figures and
+each seed gives one paired async-minus-sync difference. Each run is its own subprocess (clean
+threads and memory), and the modes alternate over repeats so that a noisy neighbour hits all.
+Measured per run:
 
 - completion tokens/s: completion tokens sampled for training / wall time of ``train()``
   (it moves with the completions' length, which each mode's policy sets for itself);
@@ -15,7 +17,7 @@ neighbour hits both. Measured per run:
 
 Prints a table and writes JSON (default ``bench/results/async.json``)::
 
-    python bench/bench_async.py [--steps 200] [--repeats 2]
+    python bench/bench_async.py [--steps 200] [--repeats 3] [--modes sync async]
 """
 
 from __future__ import annotations
@@ -133,13 +135,13 @@ def run_worker(opts: argparse.Namespace) -> None:
     Path(opts.result).write_text(json.dumps(result))
 
 
-def _run_one(mode: str, opts: argparse.Namespace, url: str) -> dict[str, Any]:
+def _run_one(mode: str, opts: argparse.Namespace, url: str, seed: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         cmd = [
             sys.executable, __file__, "--worker", mode, "--url", url, "--result", result.name,
             "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--last", str(opts.last),
             "--batch-size", str(opts.batch_size), "--k", str(opts.k), "--lr", str(opts.lr),
-            "--max-new-tokens", str(opts.max_new_tokens), "--seed", str(opts.seed),
+            "--max-new-tokens", str(opts.max_new_tokens), "--seed", str(seed),
         ]  # fmt: skip
         proc = subprocess.run(cmd, env=_worker_env(opts.threads), capture_output=True, text=True)
         if proc.returncode != 0:
@@ -154,7 +156,7 @@ SUMMARY_KEYS = (
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-mode medians over repeats, plus the spread of the reward figures (the noise)."""
+    """Per-mode medians over repeats (seeds), plus the spread of the reward figures."""
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in SUMMARY_KEYS}
     out["timing_s"] = {
         k: statistics.median(r["timing_s"][k] for r in runs) for k in runs[0]["timing_s"]
@@ -165,7 +167,21 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _table(results: dict[str, Any]) -> str:
+def _paired(runs: dict[str, list[dict[str, Any]]], mode: str) -> dict[str, Any]:
+    """Per seed: ``mode`` minus sync, for the reward figures (the same seed in both)."""
+    out: dict[str, Any] = {}
+    for key in ("final_scores", "eval_reward_mean"):
+        diffs = [a[key] - s[key] for a, s in zip(runs[mode], runs["sync"], strict=True)]
+        spread = [r[key] for r in runs["sync"]]
+        out[key] = {
+            "differences": diffs,
+            "mean_difference": statistics.fmean(diffs),
+            "sync_seed_stdev": statistics.stdev(spread) if len(spread) > 1 else float("nan"),
+        }
+    return out
+
+
+def _table(results: dict[str, Any], modes: list[str]) -> str:
     rows = [
         ("completion tokens/s", "tokens_per_s", "{:14.1f}"),
         ("samples/s", "samples_per_s", "{:14.1f}"),
@@ -177,17 +193,24 @@ def _table(results: dict[str, Any]) -> str:
         ("eval_win_rate vs reference", "eval_win_rate", "{:14.3f}"),
         ("objective/kl, last steps", "final_kl", "{:14.2f}"),
     ]
-    head = "".join(f"{m:>14}" for m in MODES) + "".join(f"{m + '/sync':>20}" for m in MODES[1:])
+    head = "".join(f"{m:>14}" for m in modes) + "".join(f"{m + '/sync':>20}" for m in modes[1:])
     lines = [f"{'':32}{head}"]
     for name, key, fmt in rows:
-        values = [results[m][key] for m in MODES]
+        values = [results[m][key] for m in modes]
         cells = "".join(fmt.format(v) for v in values)
         base = values[0] or float("nan")
         ratios = "".join(f"{v / base:20.2f}" for v in values[1:])
         lines.append(f"{name:32}{cells}{ratios}")
     for key in ("time/generate", "time/score_wait", "time/forward_backward"):
-        cells = "".join(f"{results[m]['timing_s'][key]:14.3f}" for m in MODES)
+        cells = "".join(f"{results[m]['timing_s'][key]:14.3f}" for m in modes)
         lines.append(f"{key + ' (s)':32}{cells}")
+    for mode in modes[1:]:
+        for key, paired in results["paired"][mode].items():
+            diffs = ", ".join(f"{d:+.3f}" for d in paired["differences"])
+            lines.append(
+                f"{key}, {mode} - sync per seed: {diffs} (mean {paired['mean_difference']:+.3f}; "
+                f"sync's seed-to-seed stdev {paired['sync_seed_stdev']:.3f})"
+            )
     for name, key in (("completion tokens/s", "speedup"), ("samples/s", "speedup_samples")):
         speedup = results[key]
         verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
@@ -205,7 +228,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="seeds --seed, --seed + 1, ...")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--threads",
         type=int,
@@ -222,23 +246,28 @@ def main() -> None:
         return
     if opts.steps <= opts.warmup + 1 or opts.last < 1 or opts.repeats < 1:
         parser.error("need --steps > --warmup + 1, --last >= 1 and --repeats >= 1")
+    modes = [m for m in MODES if m in opts.modes]
+    if modes[:2] != ["sync", "async"]:
+        parser.error("--modes must include sync and async")
 
     from common.demo_models import ensure_demo_models
     from trainer.service_process import running_service
 
     models = ensure_demo_models()
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     with running_service(models.reward) as url:
         for i in range(opts.repeats):
-            for mode in MODES if i % 2 == 0 else MODES[::-1]:
-                run = _run_one(mode, opts, url)
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                run = _run_one(mode, opts, url, opts.seed + i)
                 runs[mode].append(run)
                 print(
-                    f"  {mode:5} run {i + 1}: {run['tokens_per_s']:.1f} tokens/s, "
-                    f"scores {run['final_scores']:.3f}, eval {run['eval_reward_mean']:.3f}",
+                    f"  {mode:12} seed {opts.seed + i}: {run['tokens_per_s']:.1f} tokens/s, "
+                    f"{run['samples_per_s']:.1f} samples/s, scores {run['final_scores']:.3f}, "
+                    f"eval {run['eval_reward_mean']:.3f}",
                     flush=True,
                 )
-    results: dict[str, Any] = {m: _summary(runs[m]) for m in MODES}
+    results: dict[str, Any] = {m: _summary(runs[m]) for m in modes}
+    results["paired"] = {m: _paired(runs, m) for m in modes[1:]}
     results["speedup"] = results["async"]["tokens_per_s"] / results["sync"]["tokens_per_s"]
     results["speedup_samples"] = (
         results["async"]["samples_per_s"] / results["sync"]["samples_per_s"]
@@ -247,7 +276,7 @@ def main() -> None:
     results["config"] = {
         k: getattr(opts, k)
         for k in ("steps", "warmup", "last", "batch_size", "k", "lr", "max_new_tokens", "seed")
-    } | {"repeats": opts.repeats, "threads": opts.threads}
+    } | {"repeats": opts.repeats, "threads": opts.threads, "modes": modes}
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -255,7 +284,7 @@ def main() -> None:
         "load_avg_at_end": os.getloadavg(),
     }
     results["runs"] = runs
-    print(_table(results))
+    print(_table(results, modes))
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {opts.out}")
