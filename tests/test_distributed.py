@@ -254,6 +254,45 @@ def test_async_process_death_is_a_clear_error(
     assert trainer._rollout_process is None
 
 
+UNGUARDED_SCRIPT = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
+from tests.support import tiny_config
+from trainer.callbacks import MetricsJsonlCallback
+from trainer.trainer import OnlineDPOTrainer
+
+policy, url, out = sys.argv[1:4]
+trainer = OnlineDPOTrainer(
+    AutoModelForCausalLM.from_pretrained(policy),
+    args=tiny_config(out, url, max_steps=3, async_generation=True,
+                     async_generation_backend="process"),
+    processing_class=AutoTokenizer.from_pretrained(policy, padding_side="left"),
+    train_dataset=Dataset.from_dict({"prompt": ["the food was", "the film was"] * 8}),
+    callbacks=[MetricsJsonlCallback()],
+)
+trainer.train()
+print("STEPS", trainer.state.global_step)
+"""
+
+
+def test_async_process_backend_in_a_script_without_main_guard(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """The rollout process does not re-run the training script (spawn would, by default): a
+    script that trains at top level, without ``if __name__ == "__main__":``, works."""
+    script = tmp_path / "train_unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(demo_models.policy), service, str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STEPS 3" in proc.stdout
+    assert [r["async/staleness"] for r in train_records(tmp_path / "out")] == [0, 1, 1]
+
+
 class RolloutPidSpy(TrainerCallback):
     def __init__(self, trainer: OnlineDPOTrainer, pids: list[int]) -> None:
         self.trainer, self.pids = trainer, pids

@@ -64,10 +64,10 @@ class OnlineDPOConfig(TrainingArguments):
             of the policy for sampling.
         async_generation_backend (`str`, defaults to `"auto"`):
             Where async sampling runs: ``"process"`` (a spawned process with its own copy of
-            the policy and reference; CPU training only; the training script must start under
-            ``if __name__ == "__main__":``), ``"thread"`` (a thread of the trainer: shares its
-            GIL, so on CPU the two mostly take turns), or ``"auto"`` (process on CPU without
-            DeepSpeed/FSDP, thread otherwise).
+            the policy; CPU training only; it takes the half of torch's intra-op threads),
+            ``"thread"`` (a thread of the trainer: shares its GIL, so on CPU the two mostly
+            take turns), or ``"auto"`` (process on CPU without DeepSpeed/FSDP, thread
+            otherwise).
         reward_url (`list[str]`):
             Base URL of the reward service; several (a list, or comma-separated) are used with
             least-outstanding-requests routing and failover.

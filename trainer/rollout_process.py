@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,9 +32,8 @@ from trainer.generation import sample_completions
 
 START_TIMEOUT_S = 300.0
 _MAIN_GUARD_HINT = (
-    "scripts that train with async_generation (process backend) must start training under "
-    "`if __name__ == '__main__':`, because the rollout process is spawned and imports the "
-    "main module"
+    "if the policy's class is defined in the training script, the process imports that "
+    "script: start training under `if __name__ == '__main__':`"
 )
 
 
@@ -97,7 +98,8 @@ class RolloutProcess:
         )
         self._lock = threading.Lock()
         self._ready = False  # the first request waits for the start-up (imports take seconds)
-        self._process.start()
+        with _main_module_hidden(unless_needed_by=type(policy)):
+            self._process.start()
         child.close()
         torch.set_num_threads(max(1, self._trainer_threads - num_threads))
 
@@ -158,6 +160,31 @@ class RolloutProcess:
         hint = f" ({_MAIN_GUARD_HINT})" if what == "start-up" else ""
         code = self._process.exitcode
         return RuntimeError(f"rollout process exited with code {code} during {what}{hint}")
+
+
+@contextlib.contextmanager
+def _main_module_hidden(unless_needed_by: type) -> Iterator[None]:
+    """Start a spawned process without re-running the parent's main module in it.
+
+    ``spawn`` re-imports ``__main__`` in the child so that objects defined there unpickle; the
+    rollout process needs none of it, and a training script's (or the CLI's) imports cost
+    seconds. Hiding the main module's path and spec for the start skips that, and also lifts
+    the ``if __name__ == "__main__":`` requirement, unless the policy's class is defined in
+    the main module itself.
+    """
+    main = sys.modules["__main__"]
+    if unless_needed_by.__module__ == "__main__":
+        yield
+        return
+    names = ("__file__", "__spec__")
+    saved = {name: main.__dict__[name] for name in names if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _serve(
