@@ -347,11 +347,12 @@ class OnlineDPOTrainer(Trainer):
     @torch.no_grad()
     def _ref_token_logps(self, model: nn.Module | None, rollout: Rollout) -> torch.Tensor:
         ref, adapter_off = self._reference(model)
-        with adapter_off:
-            return completion_token_logps(
+        with adapter_off, torch.inference_mode():
+            logps = completion_token_logps(
                 ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                 rollout.completion_mask, self.args.max_length,
             )  # fmt: skip
+        return logps.clone()  # a normal tensor again: the loss's graph may use it
 
     def _reference(self, model: nn.Module | None) -> tuple[nn.Module, AbstractContextManager]:
         """The reference model, or the policy plus a context that disables its adapter."""
