@@ -192,7 +192,7 @@ def test_async_generation_same_data_one_step_stale(
             async_generation_backend=backend,
         )  # fmt: skip
         if mode:
-            assert trainer._async_backend() == backend
+            assert trainer._async_backend == backend
         trainer.train()
         runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
         assert trainer.state.global_step == steps

@@ -773,3 +773,28 @@ def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reward_url"):
         OnlineDPOTrainer("unused/path", args=config(tmp_path, None), processing_class=object(),
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))  # fmt: skip
+
+
+def test_async_backend_resolution() -> None:
+    """``auto`` picks the rollout process only for CPU training without sharded weights;
+    asking for the process elsewhere is refused at construction, naming the field."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from trainer.trainer import resolve_async_backend
+
+    def args(device: str, backend: str) -> Any:
+        return SimpleNamespace(
+            device=torch.device(device), async_generation_backend=backend, async_generation=True
+        )
+
+    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "process"
+    assert resolve_async_backend(args("cpu", "auto"), DistributedType.MULTI_CPU) == "process"
+    assert resolve_async_backend(args("cpu", "auto"), DistributedType.FSDP) == "thread"
+    assert resolve_async_backend(args("cuda", "auto"), DistributedType.NO) == "thread"
+    assert resolve_async_backend(args("cuda", "thread"), DistributedType.NO) == "thread"
+    with pytest.raises(ValueError, match="async_generation_backend='process'"):
+        resolve_async_backend(args("cuda", "process"), DistributedType.NO)
+    with pytest.raises(ValueError, match="async_generation_backend='process'"):
+        resolve_async_backend(args("cpu", "process"), DistributedType.DEEPSPEED)

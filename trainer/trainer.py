@@ -18,10 +18,11 @@ import shutil
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,22 @@ class Rollout:
     ref_logps: torch.Tensor | None  # [K·B, T] per token; None: computed at training time
     policy_version: int  # global step of the weights that sampled it
     generate_seconds: float
+
+
+def resolve_async_backend(args: OnlineDPOConfig, distributed_type: DistributedType) -> str:
+    """``args.async_generation_backend`` with ``auto`` resolved: the rollout process on CPU
+    without sharded weights, the thread otherwise."""
+    sharded = distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    on_cpu = args.device.type == "cpu"
+    backend = args.async_generation_backend
+    if backend == "auto":
+        return "process" if on_cpu and not sharded else "thread"
+    if backend == "process" and args.async_generation and (sharded or not on_cpu):
+        raise ValueError(
+            "async_generation_backend='process' needs CPU training without DeepSpeed/FSDP "
+            f"(device {args.device}, {distributed_type}); use 'thread'"
+        )
+    return backend
 
 
 def collate_prompts(features: list[dict[str, Any]]) -> dict[str, list[Prompt]]:
@@ -185,6 +202,7 @@ class OnlineDPOTrainer(Trainer):
         # of the policy (thread backend) or handed to a rollout process (process backend).
         self._sampler: nn.Module | None = None
         self._sampler_version = -1
+        self._async_backend = resolve_async_backend(args, self.accelerator.distributed_type)
         self._rollout_process: RolloutProcess | None = None
         self._rollout_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         self._micro = (-1, 0)  # (step, rollouts taken in it): the sync path's micro-batch index
@@ -344,7 +362,6 @@ class OnlineDPOTrainer(Trainer):
             None, version, generate_seconds,
         )  # fmt: skip
 
-    @torch.no_grad()
     def _ref_token_logps(self, model: nn.Module | None, rollout: Rollout) -> torch.Tensor:
         ref, adapter_off = self._reference(model)
         with adapter_off, torch.inference_mode():
@@ -381,9 +398,9 @@ class OnlineDPOTrainer(Trainer):
             upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._lookahead = (epoch_iterator, upcoming)
         current = [] if self._pending else batches  # not sampled ahead
-        weights = self._publish_weights()
+        sample = self._async_sampler()
         todo = [(step, current), (step + 1, upcoming)]
-        if self._rollout_process is not None:
+        if self._async_backend == "process":
             # What was not sampled ahead is sampled in place (staleness 0); on the first
             # step that overlaps the rollout process's start-up (its imports take seconds).
             self._pending.extend((list(b["prompt"]), None) for b in current)
@@ -392,47 +409,30 @@ class OnlineDPOTrainer(Trainer):
             for micro, batch in enumerate(group):
                 prompts = list(batch["prompt"])
                 seed = self._rollout_seed(batch_step, micro)
-                future = self._rollout_pool.submit(self._background_rollout, prompts, weights, seed)
+                future = self._rollout_pool.submit(sample, prompts, seed)
                 self._pending.append((prompts, future))
         return batches, None
 
-    def _async_backend(self) -> str:
-        backend = self.args.async_generation_backend
-        sharded = self.accelerator.distributed_type in (
-            DistributedType.DEEPSPEED,
-            DistributedType.FSDP,
-        )
-        on_cpu = self.args.device.type == "cpu"
-        if backend == "process" and (sharded or not on_cpu):
-            raise ValueError(
-                "async_generation_backend='process' needs CPU training without DeepSpeed/FSDP "
-                f"(device {self.args.device}, {self.accelerator.distributed_type}); use 'thread'"
-            )
-        if backend == "auto":
-            return "process" if on_cpu and not sharded else "thread"
-        return backend
-
-    def _publish_weights(self) -> tuple[int, dict[str, torch.Tensor] | None]:
-        """This step's weights for the rollouts started now: copied into the rollout
-        process's shared memory, or a snapshot for the sampling thread."""
+    def _async_sampler(self) -> Callable[[list[Prompt], int], Rollout]:
+        """Hand this step's weights to the async sampler (the rollout process's shared memory,
+        or a snapshot for the sampling thread); returns ``sample(prompts, seed)`` with them."""
         policy = self.accelerator.unwrap_model(self.model)
         version = self.state.global_step
-        if self._async_backend() == "thread":
-            return version, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        if self._async_backend == "thread":
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            return partial(self._thread_rollout, version, state)
         if self._rollout_process is None:
             self._rollout_process = RolloutProcess(
                 policy, self.generation_config, self.eos_token_ids,
                 self.processing_class.pad_token_id,
             )  # fmt: skip
         self._rollout_process.publish(version, policy.state_dict())
-        return version, None
+        return partial(self._process_rollout, version)
 
-    def _background_rollout(
-        self, prompts: list[Prompt], weights: tuple[int, dict[str, torch.Tensor] | None], seed: int
+    def _thread_rollout(
+        self, version: int, state: dict[str, torch.Tensor], prompts: list[Prompt], seed: int
     ) -> Rollout:
-        version, state = weights
-        if state is None:
-            return self._process_rollout(prompts, version, seed)
+        """A rollout sampled in the sampling thread by a copy of the policy."""
         if self._sampler is None:
             policy = self.accelerator.unwrap_model(self.model)
             self._sampler = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -441,7 +441,7 @@ class OnlineDPOTrainer(Trainer):
             self._sampler_version = version
         return self._rollout(self._sampler, prompts, version, seed)
 
-    def _process_rollout(self, prompts: list[Prompt], version: int, seed: int) -> Rollout:
+    def _process_rollout(self, version: int, prompts: list[Prompt], seed: int) -> Rollout:
         """A rollout sampled in the rollout process (its reference log-probs are computed at
         training time)."""
         assert self._rollout_process is not None
