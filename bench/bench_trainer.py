@@ -3,7 +3,9 @@
 Both train the built-in demo policy on the same prompts with the same config; TRL 1.16's
 ``trl.experimental.online_dpo.OnlineDPOTrainer`` holds the reward model in its own process,
 ours asks a real reward-service subprocess over HTTP. Each trainer runs in its own
-subprocess so that its peak RSS is its own. Prints a table and writes JSON.
+subprocess so that its peak RSS is its own. In async mode the rollout process (forked from
+the trainer, sharing its pages copy-on-write) adds its peak private memory, polled from
+``/proc`` (the sum of two peaks: an upper bound). Prints a table and writes JSON.
 
     python bench/bench_trainer.py [--steps 40] [--repeats 2] [--out bench/results/trainer.json]
 """
@@ -20,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,47 @@ def _config_kwargs(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
         "disable_tqdm": True,
         "seed": 0,
     }
+
+
+def _smaps_mb(pid: int) -> tuple[float, float]:
+    """A live process's resident and private (unshared) memory now, in MiB."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    private = fields["Private_Clean"] + fields["Private_Dirty"]
+    return fields["Rss"] / 1024, private / 1024
+
+
+class ChildMemory:
+    """Peak memory of this process's children (the rollout process of async mode), polled.
+
+    A forked child shares its parent's pages until either side writes them, so its RSS
+    counts pages the trainer's RSS already holds; its private memory is what it adds.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.peak_rss_mb = self.peak_private_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, interval: float) -> None:
+        me = os.getpid()
+        while not self._stop.wait(interval):
+            rss = private = 0.0
+            for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+                try:
+                    r, p = _smaps_mb(int(pid))
+                except (FileNotFoundError, ProcessLookupError, KeyError):
+                    continue  # it ended between the listing and the read
+                rss, private = rss + r, private + p
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            self.peak_private_mb = max(self.peak_private_mb, private)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_worker(opts: argparse.Namespace) -> None:
@@ -122,9 +166,11 @@ def run_worker(opts: argparse.Namespace) -> None:
                 train_dataset=dataset,
                 callbacks=[clock],
             )
+        children = ChildMemory()
         start = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - start
+        children.stop()
     timed = clock.ends[opts.warmup - 1 :]
     steps = [b - a for a, b in itertools.pairwise(timed)]
     train_logs = [log for log in clock.logs if "objective/scores" in log]
@@ -135,11 +181,12 @@ def run_worker(opts: argparse.Namespace) -> None:
         "step_time_mean_s": statistics.fmean(steps),
         "step_time_median_s": statistics.median(steps),
         "train_wall_s": total,
-        # ru_maxrss is in KiB on Linux. Children: the rollout process of async mode (joined
-        # by then); its peak is added to the trainer's (an upper bound: shared weights count
-        # twice).
+        # ru_maxrss is in KiB on Linux. The rollout process of async mode adds its private
+        # memory; its RSS (which counts the pages it shares with the trainer) is beside.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        + children.peak_private_mb,
+        "child_peak_rss_mb": children.peak_rss_mb,
+        "child_peak_private_mb": children.peak_private_mb,
         "final_scores": statistics.fmean(log["objective/scores"] for log in train_logs[-5:]),
         "timing_s": {
             key: statistics.fmean(log[key] for log in measured)
@@ -175,7 +222,10 @@ def _run_one(impl: str, opts: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-implementation medians over repeats (median resists a noisy neighbour)."""
-    keys = ("step_time_mean_s", "step_time_median_s", "peak_rss_mb", "final_scores")
+    keys = (
+        "step_time_mean_s", "step_time_median_s", "peak_rss_mb", "child_peak_rss_mb",
+        "child_peak_private_mb", "final_scores",
+    )  # fmt: skip
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     if runs[0]["timing_s"]:
         out["timing_s"] = {
@@ -189,7 +239,9 @@ def _table(results: dict[str, Any]) -> str:
     rows = [
         ("step time, mean (s)", lambda r, i: r["step_time_mean_s"]),
         ("step time, median (s)", lambda r, i: r["step_time_median_s"]),
-        ("trainer peak RSS (MiB, + rollout proc)", lambda r, i: r["peak_rss_mb"]),
+        ("peak RSS (MiB) + rollout private", lambda r, i: r["peak_rss_mb"]),
+        ("  rollout process private (MiB)", lambda r, i: r["child_peak_private_mb"]),
+        ("  rollout process RSS, shared too (MiB)", lambda r, i: r["child_peak_rss_mb"]),
         (
             "trainer + service peak RSS (MiB)",
             lambda r, i: r["peak_rss_mb"] + (service_rss if i != "trl" else 0.0),
@@ -201,10 +253,9 @@ def _table(results: dict[str, Any]) -> str:
     for name, get in rows:
         values = {i: get(results[i], i) for i in IMPLS}
         cells = "".join(f"{values[i]:14.3f}" for i in IMPLS)
-        lines.append(
-            f"{name:40}{cells}{values['ours'] / values['trl']:10.2f}"
-            f"{values['ours-async'] / values['trl']:10.2f}"
-        )
+        if values["trl"]:
+            cells += "".join(f"{values[i] / values['trl']:10.2f}" for i in ("ours", "ours-async"))
+        lines.append(f"{name:40}{cells}")
     for key in TIMING_KEYS:
         cells = "".join(
             f"{results[i].get('timing_s', {}).get(key, float('nan')):14.3f}" for i in IMPLS

@@ -256,15 +256,21 @@ def test_async_process_death_is_a_clear_error(
 
 UNGUARDED_SCRIPT = """
 import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM
 from datasets import Dataset
 from tests.support import tiny_config
 from trainer.callbacks import MetricsJsonlCallback
 from trainer.trainer import OnlineDPOTrainer
 
+
+class ScriptPolicy(LlamaForCausalLM):
+    # A policy class that exists only in this script.
+    pass
+
+
 policy, url, out = sys.argv[1:4]
 trainer = OnlineDPOTrainer(
-    AutoModelForCausalLM.from_pretrained(policy),
+    ScriptPolicy.from_pretrained(policy),
     args=tiny_config(out, url, max_steps=3, async_generation=True,
                      async_generation_backend="process"),
     processing_class=AutoTokenizer.from_pretrained(policy, padding_side="left"),
@@ -276,11 +282,12 @@ print("STEPS", trainer.state.global_step)
 """
 
 
-def test_async_process_backend_in_a_script_without_main_guard(
+def test_async_process_backend_in_a_script_without_main_guard_and_own_policy_class(
     demo_models: Any, service: str, tmp_path: Path
 ) -> None:
-    """The rollout process does not re-run the training script (spawn would, by default): a
-    script that trains at top level, without ``if __name__ == "__main__":``, works."""
+    """The rollout process is forked, not spawned: it neither re-runs the training script
+    nor needs to import the policy's class, so a script that trains at top level (no
+    ``if __name__ == "__main__":``) with a policy class of its own works."""
     script = tmp_path / "train_unguarded.py"
     script.write_text(UNGUARDED_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}

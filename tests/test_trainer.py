@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -775,9 +776,9 @@ def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))  # fmt: skip
 
 
-def test_async_backend_resolution() -> None:
-    """``auto`` picks the rollout process only for CPU training without sharded weights;
-    asking for the process elsewhere is refused at construction, naming the field."""
+def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` picks the rollout process only for CPU training on Linux without sharded
+    weights; asking for the process elsewhere is refused at construction, naming the field."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -798,3 +799,7 @@ def test_async_backend_resolution() -> None:
         resolve_async_backend(args("cuda", "process"), DistributedType.NO)
     with pytest.raises(ValueError, match="async_generation_backend='process'"):
         resolve_async_backend(args("cpu", "process"), DistributedType.DEEPSPEED)
+    monkeypatch.setattr(sys, "platform", "darwin")  # no safe fork: no rollout process
+    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "thread"
+    with pytest.raises(ValueError, match="darwin"):
+        resolve_async_backend(args("cpu", "process"), DistributedType.NO)

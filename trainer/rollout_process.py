@@ -1,24 +1,27 @@
 """Async generation in a separate process.
 
 A thread that samples beside the update shares the trainer's GIL, and on CPU a small model's
-generation is mostly Python: the two take turns instead of overlapping. Here a spawned process
+generation is mostly Python: the two take turns instead of overlapping. Here a forked process
 holds its own copy of the policy and samples the next batch while the trainer updates (the
 trainer keeps the reference forward: sampling is the longer half of a step). After each
 optimizer step the trainer copies its weights into one of two shared-memory slots; the process
 loads them when a request names a newer version. Two slots, alternating by version, mean the
 trainer never writes the slot that a running request may still be reading (that request
 belongs to the step before).
+
+The process is forked, as DataLoader workers are: it starts at once with the trainer's imports
+and model already in memory (copy-on-write), where a spawned one spends seconds importing
+torch and transformers. Like a DataLoader worker it runs on its own intra-op threads, set
+before its first torch op, and touches nothing of the trainer's other threads (HTTP client,
+tokenizer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,11 +33,7 @@ from transformers import GenerationConfig
 
 from trainer.generation import sample_completions
 
-START_TIMEOUT_S = 300.0
-_MAIN_GUARD_HINT = (
-    "if the policy's class is defined in the training script, the process imports that "
-    "script: start training under `if __name__ == '__main__':`"
-)
+START_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -66,8 +65,8 @@ class _Sampling:
 
 
 class RolloutProcess:
-    """A spawned process that samples completions with a copy of ``policy`` (weights published
-    with :meth:`publish`). CPU only.
+    """A forked process that samples completions with its copy of ``policy`` (weights
+    published with :meth:`publish`). CPU only, on platforms with ``fork`` (Linux).
 
     The two processes split the intra-op threads (``num_threads`` here, the rest stay with the
     trainer until :meth:`close`): more threads than cores makes both wait on each other.
@@ -84,22 +83,21 @@ class RolloutProcess:
         self._slots = [
             {k: v.detach().clone().share_memory_() for k, v in state.items()} for _ in range(2)
         ]
-        sampler = copy.deepcopy(policy).eval().requires_grad_(False)
         self._trainer_threads = torch.get_num_threads()
         num_threads = max(1, self._trainer_threads // 2)
         sampling = _Sampling(generation_config, eos_token_ids, pad_token_id, num_threads)
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
+        # The child's ``policy`` is its copy-on-write image of the trainer's: no copy here.
         self._process = ctx.Process(
             target=_serve,
-            args=(child, sampler, self._slots, sampling),
+            args=(child, policy, self._slots, sampling),
             name="online-dpo-rollout",
             daemon=True,
         )
         self._lock = threading.Lock()
-        self._ready = False  # the first request waits for the start-up (imports take seconds)
-        with _main_module_hidden(unless_needed_by=type(policy)):
-            self._process.start()
+        self._ready = False  # the first request waits for the process's "ready"
+        self._process.start()
         child.close()
         torch.set_num_threads(max(1, self._trainer_threads - num_threads))
 
@@ -157,34 +155,8 @@ class RolloutProcess:
 
     def _died(self, what: str) -> RuntimeError:
         self._process.join(5.0)
-        hint = f" ({_MAIN_GUARD_HINT})" if what == "start-up" else ""
         code = self._process.exitcode
-        return RuntimeError(f"rollout process exited with code {code} during {what}{hint}")
-
-
-@contextlib.contextmanager
-def _main_module_hidden(unless_needed_by: type) -> Iterator[None]:
-    """Start a spawned process without re-running the parent's main module in it.
-
-    ``spawn`` re-imports ``__main__`` in the child so that objects defined there unpickle; the
-    rollout process needs none of it, and a training script's (or the CLI's) imports cost
-    seconds. Hiding the main module's path and spec for the start skips that, and also lifts
-    the ``if __name__ == "__main__":`` requirement, unless the policy's class is defined in
-    the main module itself.
-    """
-    main = sys.modules["__main__"]
-    if unless_needed_by.__module__ == "__main__":
-        yield
-        return
-    names = ("__file__", "__spec__")
-    saved = {name: main.__dict__[name] for name in names if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+        return RuntimeError(f"rollout process exited with code {code} during {what}")
 
 
 def _serve(
@@ -194,7 +166,9 @@ def _serve(
     sampling: _Sampling,
 ) -> None:
     """The process's loop: one request at a time until ``None`` or a closed pipe."""
+    # Before any torch op: the OpenMP pool inherited from the parent is not usable here.
     torch.set_num_threads(sampling.num_threads)
+    sampler.eval().requires_grad_(False)
     loaded_version: int | None = None
     conn.send(("ready", None))
     while True:

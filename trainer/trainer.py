@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -78,17 +79,18 @@ class Rollout:
 
 
 def resolve_async_backend(args: OnlineDPOConfig, distributed_type: DistributedType) -> str:
-    """``args.async_generation_backend`` with ``auto`` resolved: the rollout process on CPU
-    without sharded weights, the thread otherwise."""
+    """``args.async_generation_backend`` with ``auto`` resolved: the (forked) rollout process
+    on Linux CPU training without sharded weights, the thread otherwise."""
     sharded = distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    on_cpu = args.device.type == "cpu"
+    usable = args.device.type == "cpu" and not sharded and sys.platform.startswith("linux")
     backend = args.async_generation_backend
     if backend == "auto":
-        return "process" if on_cpu and not sharded else "thread"
-    if backend == "process" and args.async_generation and (sharded or not on_cpu):
+        return "process" if usable else "thread"
+    if backend == "process" and args.async_generation and not usable:
         raise ValueError(
-            "async_generation_backend='process' needs CPU training without DeepSpeed/FSDP "
-            f"(device {args.device}, {distributed_type}); use 'thread'"
+            "async_generation_backend='process' needs CPU training on Linux without "
+            f"DeepSpeed/FSDP (device {args.device}, {distributed_type}, {sys.platform}); "
+            "use 'thread'"
         )
     return backend
 
