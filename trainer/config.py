@@ -63,11 +63,11 @@ class OnlineDPOConfig(TrainingArguments):
             off-policy; the staleness is logged as ``async/staleness``. Holds one extra copy
             of the policy for sampling.
         async_generation_backend (`str`, defaults to `"auto"`):
-            Where async sampling runs: ``"process"`` (a spawned process with its own copy of
-            the policy; CPU training only; it takes the half of torch's intra-op threads),
-            ``"thread"`` (a thread of the trainer: shares its GIL, so on CPU the two mostly
-            take turns), or ``"auto"`` (process on CPU without DeepSpeed/FSDP, thread
-            otherwise).
+            Where async sampling runs: ``"process"`` (a process forked from the trainer with
+            its own copy of the policy; CPU training on Linux only; it takes half of torch's
+            intra-op threads), ``"thread"`` (a thread of the trainer: shares its GIL, so on
+            CPU the two mostly take turns), or ``"auto"`` (process on Linux CPU without
+            DeepSpeed/FSDP, thread otherwise).
         reward_url (`list[str]`):
             Base URL of the reward service; several (a list, or comma-separated) are used with
             least-outstanding-requests routing and failover.
