@@ -256,7 +256,12 @@ def run_train(argv: Sequence[str]) -> int:
     # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True) does.
     trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
     trainer.save_model(training_args.output_dir)
-    if evaluating:
+    # Trainer has already evaluated the final weights when eval_steps divides the run's length.
+    step = trainer.state.global_step
+    evaluated = any(
+        "eval_reward_mean" in log and log.get("step") == step for log in trainer.state.log_history
+    )
+    if evaluating and not evaluated:
         trainer.evaluate()
     return 0
 
