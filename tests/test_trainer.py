@@ -629,13 +629,19 @@ RESUMED = ("loss", "grad_norm", "objective/scores", "objective/kl", "rewards/mar
            "logps/chosen")  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", [None, "process", "thread"], ids=["sync", "process", "thread"])
 def test_end_to_end_run_then_resume_reproduces_it(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, service: str, tmp_path: Path, backend: str | None
 ) -> None:
     """4 steps against the real service with every TRL metric logged; a run resumed from the
-    step-2 checkpoint logs the same steps 3 and 4."""
+    step-2 checkpoint logs the same steps 3 and 4. In async mode the checkpoint also holds
+    step 3's rollout, sampled ahead with step 2's weights (which no checkpoint has): the
+    resumed run trains on it, one step stale as in the uninterrupted run."""
     prompts = train_prompts(demo_models, 16)
-    args = config(tmp_path / "full", service, max_steps=4, save_strategy="steps", save_steps=2)
+    mode = {"async_generation": backend is not None, "async_generation_backend": backend or "auto"}
+    args = config(
+        tmp_path / "full", service, max_steps=4, save_strategy="steps", save_steps=2, **mode
+    )
     full = make_trainer(demo_models, args, prompts)
     full.train()
     logs = train_logs(full)
@@ -647,12 +653,16 @@ def test_end_to_end_run_then_resume_reproduces_it(
         assert -1.5 < record["objective/scores"] < 1.5
     checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").exists()
+    assert (checkpoint / "async_rollouts-0.pt").exists() == (backend is not None)
 
-    args = config(tmp_path / "resumed", service, max_steps=4, save_strategy="no")
+    args = config(tmp_path / "resumed", service, max_steps=4, save_strategy="no", **mode)
     resumed = make_trainer(demo_models, args, prompts)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     again = train_logs(resumed)  # steps 1 and 2 come from the checkpoint's state
     assert [r["step"] for r in resumed.state.log_history if "loss" in r] == [1, 2, 3, 4]
+    if backend is not None:
+        assert [logs[step]["async/staleness"] for step in (1, 2, 3, 4)] == [0, 1, 1, 1]
+        assert [again[step]["async/staleness"] for step in (3, 4)] == [1, 1]
     for step in (3, 4):
         for key in RESUMED:
             assert again[step][key] == pytest.approx(logs[step][key], rel=1e-5, abs=1e-5), (

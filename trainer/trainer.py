@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,11 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    get_last_checkpoint,
+    rotate_checkpoints,
+)
 
 from common.client import split_urls
 from trainer.config import OnlineDPOConfig
@@ -61,6 +65,9 @@ EVENTS_FILE = "events.jsonl"
 # Checkpoints are written here and renamed into place when complete (see _save_checkpoint).
 # ("_*" is also outside what push_to_hub uploads from OUTPUT_DIR.)
 STAGING_DIR = "_checkpoint-staging"
+# Async mode: the next step's rollouts (sampled before the save), one file per rank, so that a
+# resumed run trains on what the uninterrupted run would have.
+ROLLOUTS_FILE = "async_rollouts-{rank}.pt"
 
 
 @dataclass
@@ -210,6 +217,7 @@ class OnlineDPOTrainer(Trainer):
         self._micro = (-1, 0)  # (step, rollouts taken in it): the sync path's micro-batch index
         self._pending: deque[tuple[list[Prompt], Future[Rollout] | None]] = deque()
         self._lookahead: tuple[Any, list[dict[str, Any]]] | None = None
+        self._saved_rollouts: dict[str, Any] | None = None  # from the checkpoint resumed
 
     @property
     def beta(self) -> float:
@@ -395,6 +403,7 @@ class OnlineDPOTrainer(Trainer):
         else:  # first step, new epoch or resumed run: nothing was prefetched
             self._cancel_pending()
             batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._restore_rollouts(batches)
         upcoming: list = []
         if step + 1 < self.state.max_steps:  # no rollout past the last step
             upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -457,6 +466,44 @@ class OnlineDPOTrainer(Trainer):
             result.completion_mask, version, result.generate_seconds,
         )  # fmt: skip
 
+    def _save_rollouts(self, checkpoint: str) -> None:
+        """Write the rollouts sampled ahead for the next step into ``checkpoint`` (waiting
+        for them): their weights are not in any checkpoint."""
+        if not self._pending or any(future is None for _, future in self._pending):
+            return
+        records = []
+        for _, future in self._pending:
+            rollout = future.result()
+            record = {f.name: getattr(rollout, f.name) for f in fields(Rollout)}
+            records.append({**record, "scores": rollout.scores.result()})
+        path = os.path.join(checkpoint, ROLLOUTS_FILE.format(rank=self.accelerator.process_index))
+        torch.save({"step": self.state.global_step, "rollouts": records}, path)
+
+    def _load_rollouts(self, checkpoint: str | None) -> dict[str, Any] | None:
+        if checkpoint is None or not self.args.async_generation:
+            return None
+        path = os.path.join(checkpoint, ROLLOUTS_FILE.format(rank=self.accelerator.process_index))
+        return torch.load(path, weights_only=True) if os.path.exists(path) else None
+
+    def _restore_rollouts(self, batches: list[dict[str, Any]]) -> None:
+        """Queue the resumed checkpoint's rollouts for ``batches`` (the first step after a
+        resume), as the uninterrupted run would have them."""
+        saved, self._saved_rollouts = self._saved_rollouts, None
+        if saved is None:
+            return
+        records = saved["rollouts"]
+        if saved["step"] != self.state.global_step or [r["prompts"] for r in records] != [
+            list(batch["prompt"]) for batch in batches
+        ]:
+            logger.warning("the checkpoint's async rollouts are not this step's; sampling anew")
+            return
+        for record in records:
+            scores: Future[torch.Tensor] = Future()
+            scores.set_result(record["scores"])
+            done: Future[Rollout] = Future()
+            done.set_result(Rollout(**{**record, "scores": scores}))
+            self._pending.append((record["prompts"], done))
+
     def _cancel_pending(self) -> None:
         for _, future in self._pending:
             if future is not None:
@@ -485,6 +532,8 @@ class OnlineDPOTrainer(Trainer):
         self._push_from_checkpoint = lambda folder: None  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.async_generation:
+                self._save_rollouts(staged)
         finally:
             del self._get_output_dir, self._push_from_checkpoint
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
@@ -508,9 +557,15 @@ class OnlineDPOTrainer(Trainer):
             self._push_from_checkpoint(final)
         self.accelerator.wait_for_everyone()
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._saved_rollouts = self._load_rollouts(checkpoint or None)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._cancel_pending()
             if self._rollout_process is not None:
