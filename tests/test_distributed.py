@@ -97,6 +97,20 @@ def service(demo_models: Any) -> Any:
 # ----------------------------------------------------------------------------- DDP
 
 
+def launch_two_ranks(config: Path) -> None:
+    """``online-dpo train --config CONFIG`` on 2 DDP ranks through ``accelerate launch``."""
+    # `--multi_gpu` selects torchrun's launcher; with use_cpu the processes join a gloo group.
+    # (`--cpu --num_processes 2` without mpirun starts one process only, accelerate 1.15.)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "trainer.cli", "train", "--config", str(config),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_semantics(
     demo_models: Any, service: str, tmp_path: Path
@@ -131,16 +145,7 @@ def test_ddp_two_processes_match_one_process_semantics(
         path.write_text(yaml.safe_dump(config))
 
     before = service_counts(service)
-    # `--multi_gpu` selects torchrun's launcher; with use_cpu the processes join a gloo group.
-    # (`--cpu --num_processes 2` without mpirun starts one process only, accelerate 1.15.)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "trainer.cli", "train", "--config", str(ddp_yaml),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two_ranks(ddp_yaml)
     after_ddp = service_counts(service)
     assert cli_main(["train", "--config", str(single_yaml)]) == 0
     after_single = service_counts(service)
@@ -169,6 +174,52 @@ def test_ddp_two_processes_match_one_process_semantics(
     names = {p.name for p in (ddp_out / "checkpoint-4").iterdir()}
     assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= names
     assert "rng_state.pth" in {p.name for p in (single_out / "checkpoint-4").iterdir()}
+
+
+@pytest.mark.slow
+def test_ddp_async_ranks_sample_in_their_own_processes_and_resume_exactly(
+    demo_models: Any, service: str, tmp_path: Path
+) -> None:
+    """Async generation on 2 DDP ranks: each rank forks its own rollout process (staleness
+    ``[0, 1, 1, 1]``), each checkpoint holds each rank's rollouts sampled ahead, and a run
+    resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted one."""
+    base = {
+        "model_name_or_path": str(demo_models.policy),
+        "dataset_name": str(demo_models.train_prompts),
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "temperature": 1.0,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "ddp_find_unused_parameters": False,
+        "seed": 0,
+        "reward_url": service,
+        "async_generation": True,
+    }
+    full_out, resumed_out = tmp_path / "full", tmp_path / "resumed"
+    full_yaml, resumed_yaml = tmp_path / "full.yaml", tmp_path / "resumed.yaml"
+    full_yaml.write_text(yaml.safe_dump(
+        {**base, "output_dir": str(full_out), "save_strategy": "steps", "save_steps": 2}
+    ))  # fmt: skip
+    resumed_yaml.write_text(yaml.safe_dump({
+        **base, "output_dir": str(resumed_out), "save_strategy": "no",
+        "resume_from_checkpoint": str(full_out / "checkpoint-2"),
+    }))  # fmt: skip
+    launch_two_ranks(full_yaml)
+    names = {p.name for p in (full_out / "checkpoint-2").iterdir()}
+    assert {"async_rollouts-0.pt", "async_rollouts-1.pt"} <= names
+    launch_two_ranks(resumed_yaml)
+
+    full, resumed = train_records(full_out), train_records(resumed_out)
+    assert [r["async/staleness"] for r in full] == [0, 1, 1, 1]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for again, first in zip(resumed, full[2:], strict=True):
+        for key in ("loss", "grad_norm", "objective/scores", "objective/kl", "async/staleness"):
+            assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-6), key
 
 
 # ----------------------------------------------------------------------------- async
