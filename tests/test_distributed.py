@@ -97,6 +97,25 @@ def service(demo_models: Any) -> Any:
 # ----------------------------------------------------------------------------- DDP
 
 
+def ddp_config(demo_models: Any, service: str) -> dict[str, Any]:
+    """The CLI config both DDP tests start from: 4 short steps of the demo policy."""
+    return {
+        "model_name_or_path": str(demo_models.policy),
+        "dataset_name": str(demo_models.train_prompts),
+        "max_steps": 4,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "temperature": 1.0,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "ddp_find_unused_parameters": False,
+        "seed": 0,
+        "reward_url": service,
+    }
+
+
 def launch_two_ranks(config: Path) -> None:
     """``online-dpo train --config CONFIG`` on 2 DDP ranks through ``accelerate launch``."""
     # `--multi_gpu` selects torchrun's launcher; with use_cpu the processes join a gloo group.
@@ -119,24 +138,8 @@ def test_ddp_two_processes_match_one_process_semantics(
     finish with the same steps, logged keys and epoch (a global batch of 4 per step), loss
     ln 2 at step 1 in both, metrics and checkpoints written once, each rank scores its own
     pairs, and the staged checkpoint holds every rank's RNG state."""
-    steps, k, global_batch = 4, 2, 4
-    base = {
-        "model_name_or_path": str(demo_models.policy),
-        "dataset_name": str(demo_models.train_prompts),
-        "max_steps": steps,
-        "max_new_tokens": 8,
-        "learning_rate": 1e-3,
-        "temperature": 1.0,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 2,
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "ddp_find_unused_parameters": False,
-        "seed": 0,
-        "reward_url": service,
-    }
+    base = {**ddp_config(demo_models, service), "save_strategy": "steps", "save_steps": 2}
+    steps, k, global_batch = base["max_steps"], 2, 4
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     ddp_yaml, single_yaml = tmp_path / "ddp.yaml", tmp_path / "single.yaml"
     half, full = global_batch // 2, global_batch
@@ -184,20 +187,8 @@ def test_ddp_async_ranks_sample_in_their_own_processes_and_resume_exactly(
     ``[0, 1, 1, 1]``), each checkpoint holds each rank's rollouts sampled ahead, and a run
     resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted one."""
     base = {
-        "model_name_or_path": str(demo_models.policy),
-        "dataset_name": str(demo_models.train_prompts),
-        "max_steps": 4,
+        **ddp_config(demo_models, service),
         "per_device_train_batch_size": 2,
-        "max_new_tokens": 8,
-        "learning_rate": 1e-3,
-        "temperature": 1.0,
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "ddp_find_unused_parameters": False,
-        "seed": 0,
-        "reward_url": service,
         "async_generation": True,
     }
     full_out, resumed_out = tmp_path / "full", tmp_path / "resumed"
