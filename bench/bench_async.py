@@ -132,7 +132,6 @@ def run_worker(opts: argparse.Namespace) -> None:
         "staleness_mean": statistics.fmean(log.get("async/staleness", 0.0) for log in clock.logs),
         "scores_curve": [log["objective/scores"] for log in clock.logs],
         "length_curve": [log["val/completion_length"] for log in clock.logs],
-        "kl_curve": [log["objective/kl"] for log in clock.logs],
     }
     Path(opts.result).write_text(json.dumps(result))
 

@@ -137,7 +137,7 @@ class OnlineDPOConfig(TrainingArguments):
     async_generation_backend: str = field(
         default="auto",
         metadata={
-            "help": "Async sampling in a 'process' (CPU), a 'thread', or 'auto'.",
+            "help": "Async sampling in a 'process' (Linux CPU), a 'thread', or 'auto'.",
             "choices": ["auto", "process", "thread"],
         },
     )

@@ -215,7 +215,7 @@ class OnlineDPOTrainer(Trainer):
         self._rollout_process: RolloutProcess | None = None
         self._rollout_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         self._micro = (-1, 0)  # (step, rollouts taken in it): the sync path's micro-batch index
-        self._pending: deque[tuple[list[Prompt], Future[Rollout] | None]] = deque()
+        self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
         self._lookahead: tuple[Any, list[dict[str, Any]]] | None = None
         self._saved_rollouts: dict[str, Any] | None = None  # from the checkpoint resumed
 
@@ -291,14 +291,13 @@ class OnlineDPOTrainer(Trainer):
         self._micro = (step, micro + 1)
         if self._pending:
             expected, future = self._pending.popleft()
-            if expected != prompts:
-                logger.warning("async rollout queue out of step with the data; sampling in place")
-                self._cancel_pending()
-            elif future is not None:  # None: nothing sampled ahead, sample in place
+            if expected == prompts:
                 rollout = future.result()
                 self._timing["generate"] = time.perf_counter() - start
                 self.stats["async/staleness"].append(float(step - rollout.policy_version))
                 return rollout
+            logger.warning("async rollout queue out of step with the data; sampling in place")
+            self._cancel_pending()
         with unwrapped_for_generation(model, self.accelerator) as policy:
             rollout = self._rollout(policy, prompts, step, self._rollout_seed(step, micro))
         self._timing["generate"] = rollout.generate_seconds
@@ -410,13 +409,7 @@ class OnlineDPOTrainer(Trainer):
         self._lookahead = (epoch_iterator, upcoming)
         current = [] if self._pending else batches  # not sampled ahead
         sample = self._async_sampler()
-        todo = [(step, current), (step + 1, upcoming)]
-        if self._async_backend == "process":
-            # What was not sampled ahead is sampled in place (staleness 0); on the first
-            # step that overlaps the rollout process's start-up (its imports take seconds).
-            self._pending.extend((list(b["prompt"]), None) for b in current)
-            todo = [(step + 1, upcoming)]
-        for batch_step, group in todo:
+        for batch_step, group in ((step, current), (step + 1, upcoming)):
             for micro, batch in enumerate(group):
                 prompts = list(batch["prompt"])
                 seed = self._rollout_seed(batch_step, micro)
@@ -469,7 +462,7 @@ class OnlineDPOTrainer(Trainer):
     def _save_rollouts(self, checkpoint: str) -> None:
         """Write the rollouts sampled ahead for the next step into ``checkpoint`` (waiting
         for them): their weights are not in any checkpoint."""
-        if not self._pending or any(future is None for _, future in self._pending):
+        if not self._pending:
             return
         records = []
         for _, future in self._pending:
@@ -506,8 +499,7 @@ class OnlineDPOTrainer(Trainer):
 
     def _cancel_pending(self) -> None:
         for _, future in self._pending:
-            if future is not None:
-                future.cancel()
+            future.cancel()
         self._pending.clear()
         self._lookahead = None
 
