@@ -6,10 +6,13 @@ in one run, on the same texts:
 (a) in-process: tokenize + length-sorted batched forwards, no HTTP (the limit), over windows of
     the texts as they are in flight (clients x items per request: all the service can ever
     batch together); (a*) the same over the whole set sorted at once, for reference;
-(b) the real service (``python -m reward_service``) under N concurrent clients;
+(b) the real service (``python -m reward_service``) under N concurrent clients, each sending
+    its next request as soon as it has the answer, in steady state (a timed window after a
+    warm-up, so neither the ramp-up nor the drain counts);
 (c) a naive endpoint that scores each request alone as it arrives (OpenRLHF ``serve_rm``
     pattern: tokenize with padding and run the model inside the async handler);
-plus single-item /score p50 latency against an in-process single-item forward.
+plus single-item /score p50 latency against an in-process single-item encode + forward, timed
+in interleaved rounds (the overhead is the median of the per-round differences).
 
 The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams, so that it
 measures the servers rather than itself (both servers get the same client). The p50 of the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -149,48 +153,98 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 # ----------------------------------------------------------------------------- measurements
-def bodies(texts: Sequence[str], per_request: int) -> list[bytes]:
+def bodies(texts: Sequence[str], per_request: int) -> list[tuple[bytes, int]]:
+    """``/score`` bodies of ``per_request`` texts each, with their item counts."""
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
-    return [json.dumps({"items": [{"text": t} for t in c]}).encode() for c in chunks]
+    return [(json.dumps({"items": [{"text": t} for t in c]}).encode(), len(c)) for c in chunks]
 
 
-async def _throughput(port: int, requests: list[bytes], clients: int) -> float:
+async def _throughput(
+    port: int, requests: list[tuple[bytes, int]], clients: int, warmup_s: float, seconds: float
+) -> tuple[float, float | None]:
+    """Steady-state items/s and mean batch size: every client sends the requests (in turn,
+    round and round) back to back, and only a window of ``seconds`` after ``warmup_s`` counts,
+    so neither the ramp-up nor the drain does.
+
+    With ``/metrics`` (the service), the items its forward passes scored in the window count:
+    responses come in bursts (a request is answered when the last of its items, spread over the
+    length-sorted batches of a round, is scored), so counting responses would quantize the
+    figure by a whole round. Without (the naive server, one forward per request), the items of
+    the responses that arrive in the window count; its mean batch is None.
+    """
     conns = [RawClient(port) for _ in range(clients)]
-    for conn in conns:  # connect and warm up outside the timed part
-        await conn.post("/score", requests[0])
-    pending = iter(requests)
+    for conn in conns:  # connect outside the timed part
+        await conn.post("/score", requests[0][0])
+    turns = itertools.cycle(requests)
+    t0 = time.perf_counter() + warmup_s
+    t1 = t0 + seconds
+    answered = 0
 
     async def worker(conn: RawClient) -> None:
-        for body in pending:
+        nonlocal answered
+        while time.perf_counter() < t1:
+            body, n = next(turns)
             await conn.post("/score", body)
+            if t0 <= time.perf_counter() <= t1:
+                answered += n
 
-    start_t = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
-    elapsed = time.perf_counter() - start_t
+    async def snapshot(at: float) -> tuple[float, tuple[float, float] | None]:
+        await asyncio.sleep(at - time.perf_counter())
+        stats = await asyncio.to_thread(_batch_stats, port)
+        return time.perf_counter(), stats
+
+    async def scored() -> tuple[float, float] | None:
+        (start, before), (end, after) = await snapshot(t0), await snapshot(t1)
+        if before is None or after is None:
+            return None
+        items, batches = after[0] - before[0], after[1] - before[1]
+        return items / (end - start), items / max(batches, 1)
+
+    *_, forwards = await asyncio.gather(*(worker(c) for c in conns), scored())
     for conn in conns:
         conn.close()
-    return elapsed
+    return forwards if forwards is not None else (answered / seconds, None)
 
 
-def http_items_per_s(port: int, texts: Sequence[str], per_request: int, clients: int) -> float:
-    return len(texts) / asyncio.run(_throughput(port, bodies(texts, per_request), clients))
+def http_items_per_s(
+    port: int, texts: Sequence[str], per_request: int, args: argparse.Namespace
+) -> tuple[float, float | None]:
+    """Steady-state items/s of a server under ``args.clients`` clients, and its mean batch."""
+    return asyncio.run(
+        _throughput(port, bodies(texts, per_request), args.clients, args.warmup, args.seconds)
+    )
 
 
-def http_p50_ms(port: int, text: str, n: int) -> float:
+def paired_latencies_ms(
+    scorer: Scorer, ports: Sequence[int], text: str, n: int
+) -> tuple[list[float], list[list[float]]]:
+    """Single-item latencies, interleaved: each round times one in-process encode + forward,
+    then one /score request to each server. Pairing the in-process call with the requests of
+    the same round cancels the machine's drift (CPU clock, neighbours), which separate blocks
+    of calls leave in their difference."""
     body = json.dumps({"items": [{"text": text}]}).encode()
 
-    async def run() -> list[float]:
-        conn = RawClient(port)
-        out = []
-        for i in range(n + 20):
-            t = time.perf_counter()
-            await conn.post("/score", body)
+    async def run() -> tuple[list[float], list[list[float]]]:
+        conns = [RawClient(port) for port in ports]
+        inproc: list[float] = []
+        served: list[list[float]] = [[] for _ in ports]
+        for i in range(n + 20):  # the first 20 rounds warm up
+            start = time.perf_counter()
+            scorer.forward(scorer.encode([text]).ids)
+            times = [time.perf_counter() - start]
+            for conn in conns:
+                start = time.perf_counter()
+                await conn.post("/score", body)
+                times.append(time.perf_counter() - start)
             if i >= 20:
-                out.append(time.perf_counter() - t)
-        conn.close()
-        return out
+                inproc.append(times[0] * 1e3)
+                for out, t in zip(served, times[1:], strict=True):
+                    out.append(t * 1e3)
+        for conn in conns:
+            conn.close()
+        return inproc, served
 
-    return statistics.median(asyncio.run(run())) * 1e3
+    return asyncio.run(run())
 
 
 def httpx_p50_ms(port: int, text: str, n: int) -> float:
@@ -210,9 +264,11 @@ def p50_ms(fn: Callable[[], object], n: int) -> float:
 
 
 def in_process_items_per_s(
-    scorer: Scorer, texts: Sequence[str], s: ServiceSettings, window: int | None
+    scorer: Scorer, texts: Sequence[str], s: ServiceSettings, window: int | None, seconds: float
 ) -> float:
-    """Tokenize + forward in-process, no HTTP, in micro-batches under the service's limits.
+    """Items/s of tokenize + forward in-process, no HTTP, in micro-batches under the service's
+    limits, passing over the texts again until ``seconds`` have passed (as long as an HTTP
+    run, so that both meet the same machine).
 
     ``window``: the texts are taken in order, ``window`` at a time (what is in flight when all
     clients wait, i.e. all that the service could ever batch together), and each window is
@@ -220,17 +276,18 @@ def in_process_items_per_s(
     service can do (shown for reference).
     """
     step = window or len(texts)
-
-    def run() -> None:
+    done = 0
+    start_t = time.perf_counter()
+    while True:  # at least one pass
         for start in range(0, len(texts), step):
             ids = scorer.encode(texts[start : start + step]).ids
             lengths = [len(x) for x in ids]
             for batch in plan_batches(lengths, s.max_batch_size, s.max_batch_tokens):
                 scorer.forward([ids[i] for i in batch])
-
-    start_t = time.perf_counter()
-    run()
-    return len(texts) / (time.perf_counter() - start_t)
+            done += len(ids)
+        elapsed = time.perf_counter() - start_t
+        if elapsed >= seconds:
+            return done / elapsed
 
 
 # ----------------------------------------------------------------------------- models, texts
@@ -312,25 +369,29 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                     "rounds": rounds,
                 }
             )
-        latency: dict[str, list[float]] = {"inproc": [], "service": [], "httpx": [], "naive": []}
+        latency: dict[str, list[float]] = {k: [] for k in ("inproc", "service", "naive")}
+        overhead: list[float] = []
+        httpx_p50: list[float] = []
         for _ in range(args.repeats):
-            latency["inproc"].append(
-                p50_ms(lambda: scorer.forward(scorer.encode([probe]).ids), args.latency_n)
+            inproc, (service_ms, naive_ms) = paired_latencies_ms(
+                scorer, (service_port, naive_port), probe, args.latency_n
             )
-            latency["service"].append(http_p50_ms(service_port, probe, args.latency_n))
-            latency["httpx"].append(httpx_p50_ms(service_port, probe, args.latency_n))
-            latency["naive"].append(http_p50_ms(naive_port, probe, args.latency_n))
+            latency["inproc"].append(statistics.median(inproc))
+            latency["service"].append(statistics.median(service_ms))
+            latency["naive"].append(statistics.median(naive_ms))
+            overhead.append(statistics.median(_ratios(service_ms, inproc, op=float.__sub__)))
+            httpx_p50.append(httpx_p50_ms(service_port, probe, args.latency_n))
     finally:
         stop(service)
         stop(naive)
     single = {
         "inproc_single_p50_ms": statistics.median(latency["inproc"]),
         "service_single_p50_ms": statistics.median(latency["service"]),
-        "service_single_p50_httpx_ms": statistics.median(latency["httpx"]),
+        "service_single_p50_httpx_ms": statistics.median(httpx_p50),
         "naive_single_p50_ms": statistics.median(latency["naive"]),
-        "single_overhead_ms": statistics.median(
-            _ratios(latency["service"], latency["inproc"], op=float.__sub__)
-        ),
+        # The median of the per-round differences (service minus in-process, same round).
+        "single_overhead_ms": statistics.median(overhead),
+        "single_overhead_rounds_ms": overhead,
     }
     return [{**row, **single} for row in rows]
 
@@ -345,19 +406,17 @@ def _throughput_rounds(
     naive_port: int,
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
-    warm = texts[: window * 2]
-    in_process_items_per_s(scorer, warm, settings, window)
-    http_items_per_s(service_port, warm, per_request, args.clients)
-    http_items_per_s(naive_port, warm, per_request, args.clients)
+    in_process_items_per_s(scorer, texts[: window * 2], settings, window, 0)  # warm-up
     rounds: dict[str, list[float]] = {k: [] for k in ("a", "a_global", "b", "c", "batch")}
     for _ in range(args.repeats):
-        rounds["a"].append(in_process_items_per_s(scorer, texts, settings, window))
-        rounds["a_global"].append(in_process_items_per_s(scorer, texts, settings, None))
-        before = _batch_stats(service_port)
-        rounds["b"].append(http_items_per_s(service_port, texts, per_request, args.clients))
-        after = _batch_stats(service_port)
-        rounds["batch"].append((after[0] - before[0]) / max(after[1] - before[1], 1))
-        rounds["c"].append(http_items_per_s(naive_port, texts, per_request, args.clients))
+        rounds["a"].append(in_process_items_per_s(scorer, texts, settings, window, args.seconds))
+        rounds["a_global"].append(
+            in_process_items_per_s(scorer, texts, settings, None, args.seconds)
+        )
+        service, mean_batch = http_items_per_s(service_port, texts, per_request, args)
+        rounds["b"].append(service)
+        rounds["batch"].append(mean_batch or 0.0)
+        rounds["c"].append(http_items_per_s(naive_port, texts, per_request, args)[0])
     return rounds
 
 
@@ -369,11 +428,13 @@ def _ratios(
     return [op(x, y) for x, y in zip(xs, ys, strict=True)]
 
 
-def _batch_stats(port: int) -> tuple[float, float]:
-    """(items, forward passes) so far, from the service's /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+def _batch_stats(port: int) -> tuple[float, float] | None:
+    """(items, forward passes) so far, from the service's /metrics (None: no /metrics)."""
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics")
+    if response.status_code != 200:
+        return None
     values = {}
-    for line in text.splitlines():
+    for line in response.text.splitlines():
         if not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
@@ -382,7 +443,8 @@ def _batch_stats(port: int) -> tuple[float, float]:
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
-        f"\n{args.clients} concurrent clients, {args.items} texts, torch threads "
+        f"\n{args.clients} concurrent clients ({args.seconds:g} s after {args.warmup:g} s of "
+        f"warm-up), {args.items} texts, torch threads "
         f"{args.num_threads}, max_batch_size {args.max_batch_size}, medians of {args.repeats} "
         "interleaved rounds\n"
     )
@@ -421,16 +483,27 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
-    parser.add_argument("--items", type=int, default=1024, help="texts scored per measurement")
+    parser.add_argument(
+        "--items", type=int, default=1024, help="texts: (a) scores them all, clients cycle them"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed window per HTTP run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="untimed start of each run")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument(
         "--per-request", type=int, nargs="+", default=[1, 8, 32], help="items per request (each)"
     )
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads (all three)")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="throughput runs; best is kept")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds of each measurement; medians are kept",
+    )
     parser.add_argument("--latency-n", type=int, default=200)
-    parser.add_argument("--quick", action="store_true", help="small run (512 texts, 2 rounds)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small run (512 texts, 2 rounds of 1.5 s)"
+    )
     parser.add_argument(
         "--models",
         nargs="+",
@@ -445,7 +518,7 @@ def main() -> None:
         naive_server(args.naive_server, args.port, args.num_threads)
         return
     if args.quick:
-        args.items, args.repeats, args.latency_n = 512, 2, 50
+        args.items, args.repeats, args.latency_n, args.seconds = 512, 2, 50, 1.5
     torch.set_num_threads(args.num_threads)
 
     demo = ensure_demo_models()
