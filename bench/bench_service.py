@@ -160,17 +160,24 @@ def bodies(texts: Sequence[str], per_request: int) -> list[tuple[bytes, int]]:
 
 
 async def _throughput(
-    port: int, requests: list[tuple[bytes, int]], clients: int, warmup_s: float, seconds: float
+    port: int,
+    requests: list[tuple[bytes, int]],
+    clients: int,
+    warmup_s: float,
+    seconds: float,
+    scored_items: bool,
 ) -> tuple[float, float | None]:
     """Steady-state items/s and mean batch size: every client sends the requests (in turn,
     round and round) back to back, and only a window of ``seconds`` after ``warmup_s`` counts,
     so neither the ramp-up nor the drain does.
 
-    With ``/metrics`` (the service), the items its forward passes scored in the window count:
+    With ``scored_items`` (the service), the items its forward passes scored in the window, read
+    from its ``/metrics``, count:
     responses come in bursts (a request is answered when the last of its items, spread over the
     length-sorted batches of a round, is scored), so counting responses would quantize the
-    figure by a whole round. Without (the naive server, one forward per request), the items of
-    the responses that arrive in the window count; its mean batch is None.
+    figure by a whole round. Without (the naive server, one forward per request; it has no
+    /metrics, and a request for it would queue behind the load), the items of the responses
+    that arrive in the window count; its mean batch is None.
     """
     conns = [RawClient(port) for _ in range(clients)]
     for conn in conns:  # connect outside the timed part
@@ -188,30 +195,34 @@ async def _throughput(
             if t0 <= time.perf_counter() <= t1:
                 answered += n
 
-    async def snapshot(at: float) -> tuple[float, tuple[float, float] | None]:
+    async def snapshot(at: float) -> tuple[float, tuple[float, float]]:
         await asyncio.sleep(at - time.perf_counter())
         stats = await asyncio.to_thread(_batch_stats, port)
         return time.perf_counter(), stats
 
-    async def scored() -> tuple[float, float] | None:
+    async def scored() -> tuple[float, float]:
         (start, before), (end, after) = await snapshot(t0), await snapshot(t1)
-        if before is None or after is None:
-            return None
         items, batches = after[0] - before[0], after[1] - before[1]
         return items / (end - start), items / max(batches, 1)
 
-    *_, forwards = await asyncio.gather(*(worker(c) for c in conns), scored())
+    counters = [scored()] if scored_items else []
+    *_, result = await asyncio.gather(*(worker(c) for c in conns), *counters)
     for conn in conns:
         conn.close()
-    return forwards if forwards is not None else (answered / seconds, None)
+    return result if scored_items else (answered / seconds, None)
 
 
 def http_items_per_s(
-    port: int, texts: Sequence[str], per_request: int, args: argparse.Namespace
+    port: int,
+    texts: Sequence[str],
+    per_request: int,
+    args: argparse.Namespace,
+    scored_items: bool = True,
 ) -> tuple[float, float | None]:
     """Steady-state items/s of a server under ``args.clients`` clients, and its mean batch."""
+    requests = bodies(texts, per_request)
     return asyncio.run(
-        _throughput(port, bodies(texts, per_request), args.clients, args.warmup, args.seconds)
+        _throughput(port, requests, args.clients, args.warmup, args.seconds, scored_items)
     )
 
 
@@ -416,7 +427,8 @@ def _throughput_rounds(
         service, mean_batch = http_items_per_s(service_port, texts, per_request, args)
         rounds["b"].append(service)
         rounds["batch"].append(mean_batch or 0.0)
-        rounds["c"].append(http_items_per_s(naive_port, texts, per_request, args)[0])
+        naive = http_items_per_s(naive_port, texts, per_request, args, scored_items=False)
+        rounds["c"].append(naive[0])
     return rounds
 
 
@@ -428,11 +440,10 @@ def _ratios(
     return [op(x, y) for x, y in zip(xs, ys, strict=True)]
 
 
-def _batch_stats(port: int) -> tuple[float, float] | None:
-    """(items, forward passes) so far, from the service's /metrics (None: no /metrics)."""
+def _batch_stats(port: int) -> tuple[float, float]:
+    """(items, forward passes) so far, from the service's /metrics."""
     response = httpx.get(f"http://127.0.0.1:{port}/metrics")
-    if response.status_code != 200:
-        return None
+    response.raise_for_status()
     values = {}
     for line in response.text.splitlines():
         if not line.startswith("#"):

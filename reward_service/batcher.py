@@ -3,7 +3,8 @@
 Requests put their tokenized items on the queue and await a future. A single asyncio worker
 forms micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` from items of any
 request, sorted by length, and runs each forward in a dedicated thread, so the event loop keeps
-accepting and parsing requests meanwhile.
+accepting and parsing requests meanwhile. A round's micro-batches are handed to the thread
+together: it runs them back to back, never waiting for the busy event loop to pass the next.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -86,11 +87,11 @@ class Batcher:
     """Queue + worker. Create and use it inside the running event loop.
 
     Each round takes the oldest queued items (at most a few batches: the pool), sorts them by
-    length, splits them into even micro-batches (:func:`plan_batches`) and runs them one after
-    another; a request is answered as soon as its last item is scored. Before a round the worker
-    waits (at most ``max_wait_s``) for the requests it expects: those whose answers the previous
-    round sent, since under load their clients send the next one right away. A lone client is
-    never delayed: it is expected back only after it has been answered.
+    length, splits them into even micro-batches (:func:`plan_batches`) and has the thread run
+    them one after another; a request is answered as soon as its last item is scored. Before a
+    round the worker waits (at most ``max_wait_s``) for the requests it expects: those whose
+    answers the previous round sent, since under load their clients send the next one right
+    away. A lone client is never delayed: it is expected back only after it has been answered.
     """
 
     def __init__(
@@ -162,11 +163,18 @@ class Batcher:
                 continue
             await self._collect()
             pool = self._take()
-            returning = 0
-            for batch in plan_batches(
+            plan = plan_batches(
                 [len(job.seqs[i]) for job, i in pool], self.max_batch_size, self.max_batch_tokens
-            ):
-                returning += await self._score(loop, [pool[k] for k in batch])
+            )
+            # The whole round goes to the thread at once: it runs the micro-batches back to
+            # back instead of idling between two until this task gets the event loop again.
+            batches = [[pool[k] for k in indices] for indices in plan]
+            submitted = [
+                loop.run_in_executor(self._executor, self._timed_forward, b) for b in batches
+            ]
+            returning = 0
+            for batch, scored in zip(batches, submitted, strict=True):
+                returning += await self._finish(batch, scored)
             self._expected = len(self._queue) + returning
             self._round_end = time.perf_counter()
 
@@ -202,24 +210,30 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         return pool
 
-    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int]]) -> int:
-        """Run one micro-batch; returns how many items the requests it completed had."""
-        seqs = [job.seqs[i] for job, i in batch]
+    def _timed_forward(self, batch: list[tuple[_Job, int]]) -> tuple[list[list[float]], float]:
+        """In the thread: one micro-batch's rows and the seconds its forward pass took."""
         start = time.perf_counter()
+        rows = self._forward([job.seqs[i] for job, i in batch]).tolist()
+        return rows, time.perf_counter() - start
+
+    async def _finish(
+        self, batch: list[tuple[_Job, int]], scored: Awaitable[tuple[list[list[float]], float]]
+    ) -> int:
+        """Deliver one micro-batch's rows; returns how many items the requests it completed
+        had."""
         try:
-            logits = await loop.run_in_executor(self._executor, self._forward, seqs)
+            logits, seconds = await scored
         except Exception as exc:
-            logger.exception("forward pass failed")
+            logger.error("forward pass failed", exc_info=exc)
             for job, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return 0
-        seconds = time.perf_counter() - start
-        lengths = [len(s) for s in seqs]
-        self._metrics.observe_batch(len(seqs), sum(lengths), len(seqs) * max(lengths), seconds)
-        self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(seqs) / max(seconds, 1e-6)
+        lengths = [len(job.seqs[i]) for job, i in batch]
+        self._metrics.observe_batch(len(batch), sum(lengths), len(batch) * max(lengths), seconds)
+        self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(batch) / max(seconds, 1e-6)
         completed = 0
-        for (job, i), row in zip(batch, logits.tolist(), strict=True):
+        for (job, i), row in zip(batch, logits, strict=True):
             job.results[i] = row
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():

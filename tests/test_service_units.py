@@ -4,6 +4,7 @@ formatting, settings, and the batcher's queue driving the real demo model withou
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -175,3 +176,35 @@ def test_batcher_reports_a_failed_forward_to_its_requests_only(scorer: Scorer) -
         await batcher.close(timeout_s=5)
 
     asyncio.run(run())
+
+
+def test_batcher_thread_runs_a_rounds_batches_back_to_back_while_the_loop_is_busy(
+    scorer: Scorer,
+) -> None:
+    ids = scorer.encode(["the movie was great .", "dull", "the end"]).ids
+    starts: list[float] = []
+    ends: list[float] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def forward(seqs: list[list[int]]) -> torch.Tensor:
+            starts.append(time.perf_counter())
+            if len(starts) == 1:  # fault injection: the event loop is stuck for 0.5 s
+                loop.call_soon_threadsafe(time.sleep, 0.5)
+                time.sleep(0.05)  # until it is
+            out = scorer.forward(seqs)
+            ends.append(time.perf_counter())
+            return out
+
+        batcher = Batcher(
+            forward, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
+            max_wait_s=0.0, max_queue_items=10,
+        )  # fmt: skip
+        assert len(await batcher.score(ids)) == 3  # one round of three 1-item batches
+        await batcher.close(timeout_s=5)
+
+    asyncio.run(run())
+    assert len(starts) == 3
+    # The next batch was already with the thread: it did not wait out the stuck loop.
+    assert starts[1] - ends[0] < 0.2 and starts[2] - ends[1] < 0.2
