@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,40 @@ def test_async_process_backend_in_a_script_without_main_guard_and_own_policy_cla
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STEPS 3" in proc.stdout
     assert [r["async/staleness"] for r in train_records(tmp_path / "out")] == [0, 1, 1]
+
+
+KILLED_TRAINER_SCRIPT = """
+import os, signal, sys
+from transformers import AutoModelForCausalLM, GenerationConfig
+from trainer.rollout_process import RolloutProcess
+
+rollout = RolloutProcess(
+    AutoModelForCausalLM.from_pretrained(sys.argv[1]), GenerationConfig(max_new_tokens=2), [2], 0
+)
+print(rollout._process.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the trainer dies without cleaning up
+"""
+
+
+def test_rollout_process_exits_when_the_trainer_is_killed(demo_models: Any, tmp_path: Path) -> None:
+    script, out, err = (tmp_path / name for name in ("killed_trainer.py", "stdout", "stderr"))
+    script.write_text(KILLED_TRAINER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # Files, not pipes: an orphan holding a pipe's write end would keep its reader waiting.
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(demo_models.policy)],
+            env=env, stdout=stdout, stderr=stderr, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, err.read_text()[-3000:]
+    pid = int(out.read_text().split()[0])
+    deadline = time.monotonic() + 15
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = process_alive(pid)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the rollout process outlived its killed trainer"
 
 
 class RolloutPidSpy(TrainerCallback):

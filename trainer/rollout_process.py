@@ -91,7 +91,7 @@ class RolloutProcess:
         # The child's ``policy`` is its copy-on-write image of the trainer's: no copy here.
         self._process = ctx.Process(
             target=_serve,
-            args=(child, policy, self._slots, sampling),
+            args=(child, self._conn, policy, self._slots, sampling),
             name="online-dpo-rollout",
             daemon=True,
         )
@@ -161,6 +161,7 @@ class RolloutProcess:
 
 def _serve(
     conn: Connection,
+    trainer_end: Connection,
     sampler: nn.Module,
     slots: list[dict[str, torch.Tensor]],
     sampling: _Sampling,
@@ -168,6 +169,9 @@ def _serve(
     """The process's loop: one request at a time until ``None`` or a closed pipe."""
     # Before any torch op: the OpenMP pool inherited from the parent is not usable here.
     torch.set_num_threads(sampling.num_threads)
+    # The fork copied the trainer's end of the pipe too. Held open here, it would keep the pipe
+    # open after the trainer dies (SIGKILL, OOM): this process would wait in recv() forever.
+    trainer_end.close()
     sampler.eval().requires_grad_(False)
     loaded_version: int | None = None
     conn.send(("ready", None))
