@@ -171,13 +171,12 @@ async def _throughput(
     round and round) back to back, and only a window of ``seconds`` after ``warmup_s`` counts,
     so neither the ramp-up nor the drain does.
 
-    With ``scored_items`` (the service), the items its forward passes scored in the window, read
-    from its ``/metrics``, count:
-    responses come in bursts (a request is answered when the last of its items, spread over the
-    length-sorted batches of a round, is scored), so counting responses would quantize the
-    figure by a whole round. Without (the naive server, one forward per request; it has no
-    /metrics, and a request for it would queue behind the load), the items of the responses
-    that arrive in the window count; its mean batch is None.
+    With ``scored_items`` (the service), the items its forward passes scored in the window,
+    read from its ``/metrics``, count: responses come in bursts (a request is answered when the
+    last of its items, spread over the length-sorted batches of a round, is scored), so
+    counting responses would quantize the figure by a whole round. Without (the naive server,
+    one forward per request; it has no /metrics, and a request for it would queue behind the
+    load), the items of the responses that arrive in the window count; its mean batch is None.
     """
     conns = [RawClient(port) for _ in range(clients)]
     for conn in conns:  # connect outside the timed part
@@ -205,11 +204,15 @@ async def _throughput(
         items, batches = after[0] - before[0], after[1] - before[1]
         return items / (end - start), items / max(batches, 1)
 
-    counters = [scored()] if scored_items else []
-    *_, result = await asyncio.gather(*(worker(c) for c in conns), *counters)
+    clients_done = asyncio.gather(*(worker(c) for c in conns))
+    if scored_items:
+        _, result = await asyncio.gather(clients_done, scored())
+    else:
+        await clients_done
+        result = (answered / seconds, None)
     for conn in conns:
         conn.close()
-    return result if scored_items else (answered / seconds, None)
+    return result
 
 
 def http_items_per_s(
