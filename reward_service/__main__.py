@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from types import FrameType
@@ -18,14 +19,19 @@ if TYPE_CHECKING:
     from reward_service.app import ServiceState
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
+logger = logging.getLogger("reward_service")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus: /ready turns 503 on SIGTERM, and a failed model load stops the process."""
+    """uvicorn, plus: /ready turns 503 on SIGTERM, a failed model load stops the process, and
+    with ``parent_pid`` the service stops when its parent is gone."""
 
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+    def __init__(
+        self, config: uvicorn.Config, state: ServiceState, parent_pid: int | None = None
+    ) -> None:
         super().__init__(config)
         self.state = state
+        self.parent_pid = parent_pid
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.draining = True
@@ -33,6 +39,16 @@ class _Server(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.state.load_error is not None:
+            self.should_exit = True
+        # uvicorn ticks every 0.1 s. A dead parent's children are re-parented (to init or a
+        # subreaper), so a changed parent pid is how a SIGKILL of the parent shows here.
+        if self.parent_pid is not None and not self.should_exit and os.getppid() != self.parent_pid:
+            logger.warning(
+                "parent process %d is gone (parent now %d); shutting down",
+                self.parent_pid,
+                os.getppid(),
+            )
+            self.state.draining = True
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -83,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
     )
     state: ServiceState = app.state.service
-    _Server(config, state).run()
+    _Server(config, state, settings.parent_pid).run()
     return 1 if state.load_error is not None else 0
 
 

@@ -71,6 +71,12 @@ class ServiceSettings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
     )
+    parent_pid: int | None = Field(
+        default=None,
+        gt=0,
+        description="Shut down (draining first) as soon as this process, the one that started "
+        "the service, is gone, even if it was killed with SIGKILL.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(default=False, description="Log one line per HTTP request.")
 

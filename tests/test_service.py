@@ -584,6 +584,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
         (["--model", "m", "--max-batch-size", "0"], "--max-batch-size"),
         (["--model", "m", "--truncation-side", "middle"], "truncation-side"),
         (["--model", "./missing-dir"], "no such directory: './missing-dir'"),
+        (["--model", "m", "--parent-pid", "0"], "--parent-pid"),
     ],
 )
 def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) -> None:
@@ -632,3 +633,53 @@ def test_cli_serves_with_env_settings_and_sigterm_drains_in_flight_requests(
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
     assert "Shutting down" in out and "ready: model" in out
     assert "the plot was dull" not in out  # request texts never reach the log
+
+
+PARENT_SCRIPT = """
+import sys, time
+from trainer.service_process import ServiceProcess
+service = ServiceProcess(sys.argv[1], log_path=sys.argv[2])
+service.start()
+print(service.process.pid, service.url, flush=True)
+time.sleep(600)
+"""
+
+
+def test_service_exits_when_the_process_that_started_it_is_killed(
+    reward_path: Path, tmp_path: Path
+) -> None:
+    script, log, out = tmp_path / "parent.py", tmp_path / "service.log", tmp_path / "out"
+    script.write_text(PARENT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    with out.open("w") as stdout:  # a file: an orphan holding a pipe would block its reader
+        parent = subprocess.Popen(
+            [sys.executable, str(script), str(reward_path), str(log)], env=env, stdout=stdout
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not out.read_text().strip():
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        pid_text, url = out.read_text().split()
+        pid = int(pid_text)
+        assert httpx.get(f"{url}/ready").status_code == 200
+    finally:
+        parent.kill()  # SIGKILL: no chance to stop the service itself
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = Path(f"/proc/{pid}").exists() and "State:\tZ" not in _status(pid)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the reward service outlived the process that started it"
+    assert f"parent process {parent.pid} is gone" in log.read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return ""

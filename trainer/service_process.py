@@ -26,7 +26,8 @@ def free_port(host: str = HOST) -> int:
 
 
 class ServiceProcess:
-    """A ``python -m reward_service`` child process; its output goes to ``log_path``."""
+    """A ``python -m reward_service`` child process; its output goes to ``log_path``. It
+    shuts down by itself if this process dies without stopping it (``--parent-pid``)."""
 
     def __init__(
         self,
@@ -57,7 +58,10 @@ class ServiceProcess:
         """Start the process and wait until ``GET /ready`` answers 200; return the base URL."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env
+                [*self.args, "--parent-pid", str(os.getpid())],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
             )
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
