@@ -9,6 +9,11 @@ largest of the trainer's own peak RSS and, polled from ``/proc`` every 20 ms, th
 RSS plus the rollout process's private memory (polled every 0.5 s). Prints a table and writes JSON.
 
     python bench/bench_trainer.py [--steps 40] [--repeats 2] [--out bench/results/trainer.json]
+                                  [--reward-model large]
+
+``--reward-model large`` swaps the demo reward model (0.14 M parameters, a few percent of
+TRL's step) for one of the same architecture at ~10x its size (random weights; about the
+policy's size), on both sides: what hiding the reward forward is worth when it is not tiny.
 """
 
 from __future__ import annotations
@@ -151,9 +156,9 @@ def run_worker(opts: argparse.Namespace) -> None:
             trainer = OnlineDPOTrainer(
                 model=policy,
                 reward_funcs=AutoModelForSequenceClassification.from_pretrained(
-                    models.reward, num_labels=1
+                    opts.reward_path, num_labels=1
                 ),
-                reward_processing_classes=AutoTokenizer.from_pretrained(models.reward),
+                reward_processing_classes=AutoTokenizer.from_pretrained(opts.reward_path),
                 args=OnlineDPOConfig(**kwargs, beta=[0.1]),
                 processing_class=tokenizer,
                 train_dataset=dataset,
@@ -219,6 +224,7 @@ def _run_one(impl: str, opts: argparse.Namespace, url: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         cmd = [
             sys.executable, __file__, "--worker", impl, "--url", url, "--result", result.name,
+            "--reward-path", str(opts.reward_path),
             "--steps", str(opts.steps), "--warmup", str(opts.warmup),
             "--batch-size", str(opts.batch_size), "--max-new-tokens", str(opts.max_new_tokens),
         ]  # fmt: skip
@@ -292,7 +298,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reward-model",
+        choices=["demo", "large"],
+        default="demo",
+        help="demo: the built-in reward model; large: ~10x its parameters, random weights",
+    )
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--reward-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
@@ -304,8 +317,14 @@ def main() -> None:
     from trainer.service_process import ServiceProcess
 
     models = ensure_demo_models()
+    opts.reward_path = models.reward
+    scratch = tempfile.TemporaryDirectory(prefix="bench-trainer-")
+    if opts.reward_model == "large":
+        from bench_service import make_large_model
+
+        opts.reward_path = make_large_model(models.reward, Path(scratch.name) / "reward-large")
     service = ServiceProcess(
-        models.reward,
+        opts.reward_path,
         env={"REWARD_LOG_LEVEL": "warning", "REWARD_NUM_THREADS": str(opts.service_threads)},
     )
     url = service.start()
@@ -324,6 +343,7 @@ def main() -> None:
         service_rss = _peak_rss_mb(service.process.pid)
     finally:
         service.stop()
+        scratch.cleanup()
     results: dict[str, Any] = {impl: _summary(runs[impl]) for impl in IMPLS}
     results["service_peak_rss_mb"] = service_rss
     trl = results["trl"]
@@ -347,6 +367,7 @@ def main() -> None:
         "samples_per_prompt": 2,
         "max_new_tokens": opts.max_new_tokens,
         "gradient_checkpointing": opts.gradient_checkpointing,
+        "reward_model": opts.reward_model,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
