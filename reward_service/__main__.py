@@ -42,14 +42,16 @@ class _Server(uvicorn.Server):
             self.should_exit = True
         # uvicorn ticks every 0.1 s. A dead parent's children are re-parented (to init or a
         # subreaper), so a changed parent pid is how a SIGKILL of the parent shows here.
-        if self.parent_pid is not None and not self.should_exit and os.getppid() != self.parent_pid:
-            logger.warning(
-                "parent process %d is gone (parent now %d); shutting down",
-                self.parent_pid,
-                os.getppid(),
-            )
-            self.state.draining = True
-            self.should_exit = True
+        if self.parent_pid is not None and not self.should_exit:
+            parent = os.getppid()
+            if parent != self.parent_pid:
+                logger.warning(
+                    "parent process %d is gone (parent now %d); shutting down",
+                    self.parent_pid,
+                    parent,
+                )
+                self.state.draining = True
+                self.should_exit = True
         return await super().on_tick(counter)
 
 

@@ -1,5 +1,8 @@
 """Constants and helpers shared by tests."""
 
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +47,24 @@ def tiny_config(output_dir: Path, url: str | None, **overrides: Any) -> OnlineDP
         "seed": 0,
     }
     return OnlineDPOConfig(**{**defaults, **overrides})
+
+
+def process_alive(pid: int) -> bool:
+    """Is ``pid`` a live (not zombie) process?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+def exited_within(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` (an orphan) to exit; SIGKILL it if it does not, so
+    a failing test leaves nothing running."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        return False
+    return True

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from tests.support import tiny_config
+from tests.support import exited_within, process_alive, tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
 from trainer.cli import main as cli_main
 from trainer.losses import dpo_losses
@@ -368,13 +367,7 @@ def test_rollout_process_exits_when_the_trainer_is_killed(demo_models: Any, tmp_
         )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, err.read_text()[-3000:]
     pid = int(out.read_text().split()[0])
-    deadline = time.monotonic() + 15
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = process_alive(pid)
-    if alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "the rollout process outlived its killed trainer"
+    assert exited_within(pid, 15), "the rollout process outlived its killed trainer"
 
 
 class RolloutPidSpy(TrainerCallback):
@@ -383,15 +376,6 @@ class RolloutPidSpy(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.pids.append(self.trainer._rollout_process._process.pid)
-
-
-def process_alive(pid: int) -> bool:
-    """Is ``pid`` a live (not zombie) process?"""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
 
 
 # ----------------------------------------------------------------------------- K samples

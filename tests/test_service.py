@@ -31,6 +31,7 @@ from reward_service.app import ServiceState, create_app
 from reward_service.metrics import ServiceMetrics
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
+from tests.support import exited_within
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key-for-tests"
@@ -666,20 +667,7 @@ def test_service_exits_when_the_process_that_started_it_is_killed(
     finally:
         parent.kill()  # SIGKILL: no chance to stop the service itself
         parent.wait()
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = Path(f"/proc/{pid}").exists() and "State:\tZ" not in _status(pid)
-    if alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "the reward service outlived the process that started it"
+    assert exited_within(pid, 10), "the reward service outlived the process that started it"
     assert f"parent process {parent.pid} is gone" in log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
-
-
-def _status(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return ""
