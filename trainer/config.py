@@ -57,6 +57,14 @@ class OnlineDPOConfig(TrainingArguments):
             this is TRL's rule (the higher reward is chosen, ties go to the first sample).
         skip_tied_pairs (`bool`, defaults to `False`):
             Leave pairs whose two rewards are equal out of the loss (they carry no preference).
+        padding_free (`bool`, *optional*):
+            Run the log-prob forward passes without padding: a batch's sequences packed into
+            one row, kept apart by position ids that restart at 0 (TRL's DPO option). The same
+            log-probs for less compute and memory. Attention then spans the packed row: flash
+            attention splits it per sequence, sdpa and eager attention cost the square of the
+            batch's token count. ``None`` turns it on for CPU training and flash-attention
+            models. A model whose attention would let packed sequences see each other is
+            caught at start: packing stays off (with a warning), or ``True`` is refused.
         async_generation (`bool`, defaults to `False`):
             Generate and score the next batch with the weights of the step before while this
             batch is trained ("Asynchronous RLHF", Noukhovitch et al. 2024): at most one step
@@ -129,6 +137,10 @@ class OnlineDPOConfig(TrainingArguments):
     )
     skip_tied_pairs: bool = field(
         default=False, metadata={"help": "Leave pairs with equal rewards out of the loss."}
+    )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Log-prob passes without padding (default: on for CPU/flash attention)."},
     )
     async_generation: bool = field(
         default=False,

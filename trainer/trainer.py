@@ -54,7 +54,12 @@ from trainer.generation import (
     tokenize_prompts,
     unwrapped_for_generation,
 )
-from trainer.logprobs import completion_token_logps, contains_eos, masked_sum
+from trainer.logprobs import (
+    completion_token_logps,
+    contains_eos,
+    masked_sum,
+    packing_keeps_sequences_apart,
+)
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
 from trainer.rollout_process import RolloutProcess, SampleRequest
 from trainer.scoring import RewardScorer, score_items
@@ -195,6 +200,7 @@ class OnlineDPOTrainer(Trainer):
             else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         )
         self.generation_config = make_generation_config(args, tokenizer, self.eos_token_ids)
+        self.padding_free = self._resolve_padding_free()
         self.stats: dict[str, list[float]] = defaultdict(list)
         self._timing: dict[str, float] = {}
         self._tokenizer_lock = threading.Lock()
@@ -219,6 +225,28 @@ class OnlineDPOTrainer(Trainer):
         self._lookahead: tuple[Any, list[dict[str, Any]]] | None = None
         self._saved_rollouts: dict[str, Any] | None = None  # from the checkpoint resumed
 
+    def _resolve_padding_free(self) -> bool:
+        """``args.padding_free``, with ``None`` resolved (on for CPU training and flash
+        attention), and off when the model's attention would mix packed sequences."""
+        wanted = self.args.padding_free
+        if wanted is None:
+            config = self.accelerator.unwrap_model(self.model).config
+            attention = getattr(config, "_attn_implementation", None) or ""
+            wanted = self.args.device.type == "cpu" or attention.startswith("flash")
+        if not wanted:
+            return False
+        with unwrapped_for_generation(self.model, self.accelerator) as policy:
+            if packing_keeps_sequences_apart(policy):
+                return True
+        problem = (
+            f"{type(policy).__name__} lets packed sequences attend to each other (its attention "
+            "mask ignores position ids restarting at 0)"
+        )
+        if self.args.padding_free:
+            raise ValueError(f"padding_free=True: {problem}; set padding_free=False")
+        logger.warning("padding_free off: %s", problem)
+        return False
+
     @property
     def beta(self) -> float:
         return beta_for_epoch(self.args.beta, self.state.epoch)
@@ -238,7 +266,7 @@ class OnlineDPOTrainer(Trainer):
         mask = rollout.completion_mask
         logps = completion_token_logps(
             model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask,
-            args.max_length,
+            args.max_length, self.padding_free,
         )  # fmt: skip
         ref_logps = rollout.ref_logps
         if ref_logps is None:
@@ -376,7 +404,7 @@ class OnlineDPOTrainer(Trainer):
         with adapter_off, torch.inference_mode():
             logps = completion_token_logps(
                 ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                rollout.completion_mask, self.args.max_length,
+                rollout.completion_mask, self.args.max_length, self.padding_free,
             )  # fmt: skip
         return logps.clone()  # a normal tensor again: the loss's graph may use it
 
@@ -695,7 +723,7 @@ class OnlineDPOTrainer(Trainer):
                     theirs = self._rollout(ref, prompts, step, num_samples=1, with_ref=False)
                 logps = completion_token_logps(
                     policy, mine.prompt_ids, mine.prompt_mask, mine.completion_ids,
-                    mine.completion_mask, self.args.max_length,
+                    mine.completion_mask, self.args.max_length, self.padding_free,
                 )  # fmt: skip
             finally:
                 policy.train(was_training)
