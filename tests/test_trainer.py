@@ -901,3 +901,28 @@ def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "thread"
     with pytest.raises(ValueError, match="darwin"):
         resolve_async_backend(args("cpu", "process"), DistributedType.NO)
+
+
+def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
+    """A queued rollout is cancelled; one already being sampled is waited for: with the
+    process backend it reads a weight slot that the next publish would overwrite."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    started, release = threading.Event(), threading.Event()
+
+    def sample() -> str:
+        started.set()
+        release.wait(5)
+        return "rollout"
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running, queued = pool.submit(sample), pool.submit(sample)
+        assert started.wait(5)
+        trainer = SimpleNamespace(_pending=deque([([], running), ([], queued)]), _lookahead=None)
+        threading.Timer(0.3, release.set).start()
+        OnlineDPOTrainer._cancel_pending(trainer)  # type: ignore[arg-type]
+        assert running.done() and running.result() == "rollout"
+        assert queued.cancelled()
+        assert not trainer._pending

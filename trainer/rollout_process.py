@@ -184,7 +184,9 @@ def _serve(
             return
         try:
             if request.version != loaded_version:
-                sampler.load_state_dict(slots[request.version % 2])
+                # The slot's shared tensors become the parameters (no copy): pages of the
+                # fork's own weights, written, would be private memory of this process.
+                sampler.load_state_dict(slots[request.version % 2], assign=True)
                 loaded_version = request.version
             conn.send(("ok", _sample(sampler, request, sampling)))
         except Exception:

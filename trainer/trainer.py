@@ -20,7 +20,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
@@ -526,8 +526,9 @@ class OnlineDPOTrainer(Trainer):
             self._pending.append((record["prompts"], done))
 
     def _cancel_pending(self) -> None:
-        for _, future in self._pending:
-            future.cancel()
+        # A rollout already being sampled cannot be cancelled: wait for it, so that no sampler
+        # still reads the weight slot that the next publish overwrites.
+        wait([future for _, future in self._pending if not future.cancel()])
         self._pending.clear()
         self._lookahead = None
 
