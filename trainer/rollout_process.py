@@ -5,9 +5,9 @@ generation is mostly Python: the two take turns instead of overlapping. Here a f
 holds its own copy of the policy and samples the next batch while the trainer updates (the
 trainer keeps the reference forward: sampling is the longer half of a step). After each
 optimizer step the trainer copies its weights into one of two shared-memory slots; the process
-loads them when a request names a newer version. Two slots, alternating by version, mean the
-trainer never writes the slot that a running request may still be reading (that request
-belongs to the step before).
+samples with the slot that a request names as its parameters (no copy). Two slots, alternating
+by version, mean the trainer never writes the slot that a running request may still be reading
+(that request belongs to the step before; the trainer waits for it before it publishes again).
 
 The process is forked, as DataLoader workers are: it starts at once with the trainer's imports
 and model already in memory (copy-on-write), where a spawned one spends seconds importing
