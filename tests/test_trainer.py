@@ -857,6 +857,7 @@ def test_peft_reference_is_the_base_with_the_adapter_disabled(
         ({"reward_timeout": 0.0}, "reward_timeout"),
         ({"reward_max_retries": -1}, "reward_max_retries"),
         ({"async_generation_backend": "gpu"}, "async_generation_backend"),
+        ({"padding_free": "sometimes"}, "padding_free"),
         ({"reward_url": "ftp://example"}, "reward_url"),
     ],
 )

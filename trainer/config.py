@@ -212,6 +212,11 @@ class OnlineDPOConfig(TrainingArguments):
         require(self.loss_type in ("sigmoid", "ipo"), "loss_type", "'sigmoid' or 'ipo'")
         require(self.num_samples_per_prompt >= 2, "num_samples_per_prompt", ">= 2")
         require(
+            self.padding_free is None or isinstance(self.padding_free, bool),
+            "padding_free",
+            "true, false or unset",
+        )
+        require(
             self.async_generation_backend in ("auto", "process", "thread"),
             "async_generation_backend",
             "'auto', 'process' or 'thread'",
