@@ -29,7 +29,7 @@ from common.client import RewardServiceError
 from common.demo_models import DemoModels
 from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, tiny_config
 from trainer.config import OnlineDPOConfig
-from trainer.logprobs import completion_token_logps, truncate_after_eos
+from trainer.logprobs import completion_token_logps, pack_completions, truncate_after_eos
 from trainer.service_process import running_service
 from trainer.trainer import OnlineDPOTrainer
 
@@ -516,11 +516,14 @@ def test_left_truncation_keeps_log_probs_aligned(
 # ----------------------------------------------------------------------------- padding-free
 
 
+@pytest.mark.parametrize(("num_samples", "attention"), [(1, "sdpa"), (2, "sdpa"), (2, "eager")])
 def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
-    demo_models: DemoModels,
+    demo_models: DemoModels, num_samples: int, attention: str
 ) -> None:
-    """One packed row without padding gives every sequence the log-probs and gradients of
-    the padded batch: prompts and completions of different lengths, EOS at different places."""
+    """One packed row without padding (each prompt once for its ``num_samples`` completions)
+    gives every completion the log-probs and gradients of the padded batch: prompts and
+    completions of different lengths, EOS at different places; sdpa takes the packed mask as
+    booleans, eager attention as additive scores."""
     tok = tokenizer(demo_models)
     batch = tok(PROMPTS * 2, padding=True, padding_side="left", add_special_tokens=False,
                 return_tensors="pt")  # fmt: skip
@@ -530,32 +533,56 @@ def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
         completion_ids(tok, COMPLETIONS), [tok.eos_token_id], tok.pad_token_id
     )
     assert len(set(mask.sum(-1).tolist())) > 1
+    packed = pack_completions(prompt_ids, prompt_mask, completion, mask, num_samples)
+    prompts_packed = prompt_mask[: 8 // num_samples].sum()  # with 2 samples, each prompt once
+    assert packed.input_ids.shape[1] == prompts_packed + mask.sum()
     results = []
     for padding_free in (False, True):
-        model = policy(demo_models)
+        model = AutoModelForCausalLM.from_pretrained(
+            demo_models.policy, attn_implementation=attention
+        )
         logps = completion_token_logps(
-            model, prompt_ids, prompt_mask, completion, mask, 512, padding_free
+            model, prompt_ids, prompt_mask, completion, mask, 512, padding_free, num_samples
         )
         (logps * mask).sum().backward()
         results.append((logps * mask, [p.grad for p in model.parameters()]))
-    (padded, padded_grads), (packed, packed_grads) = results
-    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    (padded, padded_grads), (packed_logps, packed_grads) = results
+    torch.testing.assert_close(packed_logps, padded, rtol=0, atol=1e-5)
     want = hand_logps(policy(demo_models), prompt_ids, prompt_mask, completion, mask)
-    torch.testing.assert_close(packed, want * mask, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_logps, want * mask, rtol=0, atol=1e-5)
     scale = max(g.abs().max().item() for g in padded_grads)
     for a, b in zip(packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
 
 
-@pytest.fixture
-def packing_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault: the attention mask ignores position ids restarting at 0 (as in a model that
-    predates packed-sequence masks), so packed sequences would see each other."""
-    import transformers.masking_utils
+def test_packing_refuses_completions_that_do_not_share_their_prompt() -> None:
+    prompts = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6]])
+    completions = torch.ones(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="must share it"):
+        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 2)
+    with pytest.raises(ValueError, match="not 3 per prompt"):
+        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 3)
 
-    monkeypatch.setattr(
-        transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None
-    )
+
+@pytest.fixture(params=["prompt hidden", "sequences mixed"])
+def packing_mask_ignored(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault: the model drops the custom attention mask of a packed batch, as flash attention
+    or an architecture without custom-mask support would. Without it, transformers builds a
+    mask from the restarting position ids (a completion no longer sees its prompt), or, with
+    that detection off too, a causal mask over the whole row (sequences see each other)."""
+    import transformers.masking_utils
+    import transformers.models.llama.modeling_llama as llama
+
+    original = llama.create_causal_mask
+
+    def without_custom_mask(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "attention_mask": None})
+
+    monkeypatch.setattr(llama, "create_causal_mask", without_custom_mask)
+    if request.param == "sequences mixed":
+        monkeypatch.setattr(
+            transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None
+        )
 
 
 def test_padding_free_default_is_on_for_cpu_training(
@@ -565,15 +592,15 @@ def test_padding_free_default_is_on_for_cpu_training(
     assert not make_trainer(demo_models, config(tmp_path, service, padding_free=False)).padding_free
 
 
-def test_padding_free_stays_off_for_a_model_that_mixes_packed_sequences(
-    demo_models: DemoModels, service: str, tmp_path: Path, packing_ignored: None,
+def test_padding_free_stays_off_for_a_model_that_ignores_the_packed_mask(
+    demo_models: DemoModels, service: str, tmp_path: Path, packing_mask_ignored: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     with caplog.at_level("WARNING", logger="trainer.trainer"):
         trainer = make_trainer(demo_models, config(tmp_path, service))
     assert not trainer.padding_free
-    assert "padding_free off" in caplog.text and "attend to each other" in caplog.text
-    with pytest.raises(ValueError, match="padding_free=True: LlamaForCausalLM lets packed"):
+    assert "padding_free off" in caplog.text and "does not keep packed" in caplog.text
+    with pytest.raises(ValueError, match="padding_free=True: LlamaForCausalLM with sdpa"):
         make_trainer(demo_models, config(tmp_path, service, padding_free=True))
 
 

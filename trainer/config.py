@@ -58,13 +58,14 @@ class OnlineDPOConfig(TrainingArguments):
         skip_tied_pairs (`bool`, defaults to `False`):
             Leave pairs whose two rewards are equal out of the loss (they carry no preference).
         padding_free (`bool`, *optional*):
-            Run the log-prob forward passes without padding: a batch's sequences packed into
-            one row, kept apart by position ids that restart at 0 (TRL's DPO option). The same
-            log-probs for less compute and memory. Attention then spans the packed row: flash
-            attention splits it per sequence, sdpa and eager attention cost the square of the
-            batch's token count. ``None`` turns it on for CPU training and flash-attention
-            models. A model whose attention would let packed sequences see each other is
-            caught at start: packing stays off (with a warning), or ``True`` is refused.
+            Run the log-prob forward passes without padding: the batch packed into one row,
+            each prompt once for its ``num_samples_per_prompt`` completions, with an attention
+            mask that lets each completion see only its prompt and itself. The same log-probs
+            for less compute and memory. Attention then spans the packed row (its cost is the
+            square of the batch's token count), and the model must take a custom mask (sdpa
+            or eager attention; not flash attention). ``None`` turns it on for CPU training.
+            A model that does not keep packed sequences apart is caught at start: packing
+            stays off (with a warning), or ``True`` is refused.
         async_generation (`bool`, defaults to `False`):
             Generate and score the next batch with the weights of the step before while this
             batch is trained ("Asynchronous RLHF", Noukhovitch et al. 2024): at most one step
@@ -140,7 +141,7 @@ class OnlineDPOConfig(TrainingArguments):
     )
     padding_free: bool | None = field(
         default=None,
-        metadata={"help": "Log-prob passes without padding (default: on for CPU/flash attention)."},
+        metadata={"help": "Log-prob passes without padding, prompts shared (default: on for CPU)."},
     )
     async_generation: bool = field(
         default=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -53,22 +55,27 @@ def completion_token_logps(
     completion_mask: torch.Tensor,
     max_length: int,
     padding_free: bool = False,
+    num_samples: int = 1,
 ) -> torch.Tensor:
     """Log-probs (temperature 1) of each completion token given everything before it: ``[N, T]``.
 
     Position ids follow the attention mask, as in ``generate`` with left padding. Entries at
     masked completion positions are meaningless: multiply by ``completion_mask``. With
-    ``padding_free`` the sequences run as one packed row without their padding (see
-    :func:`packed_token_logps`): the same values, less compute.
+    ``padding_free`` the batch runs as one packed row without padding, each prompt once for
+    its ``num_samples`` completions (rows in TRL's block layout; see :func:`pack_completions`):
+    the same values, less compute.
     """
     prompt_ids, prompt_mask = left_truncate(
         prompt_ids, prompt_mask, completion_ids.shape[1], max_length
     )
+    if padding_free:
+        packed = pack_completions(
+            prompt_ids, prompt_mask, completion_ids, completion_mask, num_samples
+        )
+        return packed_token_logps(model, packed, completion_ids, completion_mask)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    if padding_free:
-        return packed_token_logps(model, ids, mask, position_ids, completion_ids, completion_mask)
     n = completion_ids.shape[1]
     # Only the logits that predict completion tokens (position t predicts token t + 1): the
     # LM head never runs over the prompt.
@@ -83,62 +90,157 @@ def completion_token_logps(
     return token_logps(logits, completion_ids)
 
 
+@dataclass
+class PackedBatch:
+    """A batch of prompts and completions as one row without padding."""
+
+    input_ids: torch.Tensor  # [1, S]
+    position_ids: torch.Tensor  # [1, S]: each prompt from 0, each completion after its prompt
+    visible: torch.Tensor  # [S, S] bool: may the token of row q attend the token of column k
+    predictors: torch.Tensor  # [M]: the token whose logits predict each kept completion token
+
+
+def pack_completions(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_samples: int,
+) -> PackedBatch:
+    """Pack left-padded prompts and right-padded completions into one row: each prompt's real
+    tokens once, then the real tokens of each of its ``num_samples`` completions.
+
+    Rows are in TRL's block layout (sample ``k`` of prompt ``i`` at row ``k·B + i``). A token
+    sees the earlier tokens of its prompt and of its own completion only, so each completion
+    gets the log-probs of its own padded row. ``predictors`` follows the row-major order of
+    ``completion_mask``'s ones.
+    """
+    n, t = completion_ids.shape
+    if n % num_samples:
+        raise ValueError(f"{n} completions are not {num_samples} per prompt")
+    b = n // num_samples
+    shared = all((x.view(num_samples, b, -1) == x[:b]).all() for x in (prompt_ids, prompt_mask))
+    if not shared:
+        raise ValueError("the completions of a prompt must share it (rows k·B + i, TRL's layout)")
+    prompt_ids, prompt_mask = prompt_ids[:b], prompt_mask[:b]
+    p = prompt_ids.shape[1]
+    device = prompt_ids.device
+
+    def per_prompt(x: torch.Tensor) -> torch.Tensor:
+        return x.view(num_samples, b, t).transpose(0, 1).reshape(b, num_samples * t)
+
+    # Per prompt, one line: [prompt | completion 0 | ... | completion K-1]; then drop padding.
+    ids = torch.cat([prompt_ids, per_prompt(completion_ids)], 1)
+    real = torch.cat([prompt_mask, per_prompt(completion_mask)], 1).bool()
+    prompt_len = prompt_mask.sum(-1, keepdim=True)
+    steps = torch.arange(t, device=device).repeat(num_samples)
+    positions = torch.cat([prompt_mask.cumsum(-1) - 1, prompt_len + steps], 1)
+    sample = torch.cat(
+        [
+            torch.full_like(prompt_ids, -1),
+            torch.arange(num_samples, device=device).repeat_interleave(t).expand(b, -1),
+        ],
+        1,
+    )
+    group = torch.arange(b, device=device).unsqueeze(1).expand_as(ids)
+    index = real.flatten().cumsum(0).view_as(real) - 1  # packed index of each real token
+    pos, smp, grp = positions[real], sample[real], group[real]
+    visible = (
+        (grp[:, None] == grp[None, :])
+        & (pos[None, :] <= pos[:, None])
+        & ((smp[None, :] == -1) | (smp[None, :] == smp[:, None]))
+    )
+    # Completion token u is predicted by the token before it: the prompt's last (left padding:
+    # the last column is real) for u = 0, else the completion's own token u - 1.
+    completion_index = index[:, p:].view(b, num_samples, t)
+    previous = torch.cat(
+        [index[:, p - 1].view(b, 1, 1).expand(b, num_samples, 1), completion_index[:, :, :-1]], -1
+    )
+    predictors = previous.transpose(0, 1).reshape(n, t)[completion_mask.bool()]
+    return PackedBatch(ids[real].unsqueeze(0), pos.unsqueeze(0), visible, predictors)
+
+
 def packed_token_logps(
     model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    position_ids: torch.Tensor,
+    packed: PackedBatch,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`completion_token_logps` over the unpadded tokens of ``ids`` packed into one row.
-
-    Position ids restarting at 0 mark where each sequence begins; without an attention mask
-    transformers turns them into a block-diagonal causal mask (or flash-attention's
-    variable-length kernel), so each sequence sees only itself. Masked entries are 0.
-    """
-    real = mask.bool()
-    packed_index = real.flatten().cumsum(0).view_as(mask) - 1
-    # Completion token t is predicted by the logits of column P + t - 1 (the last prompt token
-    # for t = 0); a kept token's predictor is always a real token.
-    kept = completion_mask.bool()
-    predictors = packed_index[:, ids.shape[1] - completion_ids.shape[1] - 1 : -1][kept]
+    """:func:`completion_token_logps` of a :class:`PackedBatch` (masked entries are 0)."""
+    visible = packed.visible[None, None]
+    if _attention_implementation(model) == "eager":  # adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(dtype).min
+        )
     logits = model(
-        input_ids=ids[real].unsqueeze(0),
-        position_ids=position_ids[real].unsqueeze(0),
-        logits_to_keep=predictors,
+        input_ids=packed.input_ids,
+        attention_mask=visible,
+        position_ids=packed.position_ids,
+        logits_to_keep=packed.predictors,
         use_cache=False,
     ).logits[0]
+    kept = completion_mask.bool()
     picked = token_logps(logits.float(), completion_ids[kept])
     return torch.zeros(kept.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
         kept, picked
     )
 
 
-@torch.no_grad()
-def packing_keeps_sequences_apart(model: nn.Module) -> bool:
-    """Does ``model`` attend only within each packed sequence? A model whose attention mask
-    ignores restarting position ids would let packed sequences see each other.
+def _attention_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None) or getattr(
+        getattr(model, "module", None), "config", None
+    )
+    return getattr(config, "_attn_implementation", None)
 
-    Packs ``A + B`` and ``A' + B`` (``A'`` other tokens of ``A``'s length): ``B``'s logits
-    must not change.
+
+@torch.no_grad()
+def packing_is_exact(model: nn.Module) -> bool:
+    """Does ``model`` honour :func:`pack_completions`' attention mask? (Flash attention, or an
+    architecture whose mask ignores a custom one, would not.)
+
+    Two prompts with two completions each, packed three times: as they are, with prompt 0's
+    first completion changed (its sibling and prompt 1's completions must keep their
+    log-probs), and with prompt 0 changed (every log-prob of its second completion must move,
+    prompt 1's must not).
     """
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
-    first, second = torch.arange(2, 8) % vocab, torch.arange(9, 15) % vocab
-    tail = torch.arange(3, 8) % vocab
-    positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+
+    def tokens(*rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, device=device) % vocab
+
+    prompts = tokens([0, 5, 6, 7], [8, 9, 10, 11], [0, 5, 6, 7], [8, 9, 10, 11])
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[[0, 2], 0] = 0  # a left-padded prompt
+    completions = tokens([12, 13, 14], [15, 16, 17], [18, 19, 20], [21, 22, 23])
+    mask = torch.ones_like(completions)
+    other_completion = completions.clone()
+    other_completion[0] = tokens([24, 25, 26])[0]
+    other_prompt = prompts.clone()
+    other_prompt[[0, 2], 1:] = tokens([27, 28, 29])[0]
     was_training = model.training
-    model.eval()  # dropout would differ between the two passes
-    logits = []
+    model.eval()  # dropout would differ between the passes
     try:
-        for head in (first, second):
-            ids = torch.cat([head, tail]).unsqueeze(0).to(device)
-            out = model(input_ids=ids, position_ids=positions, use_cache=False)
-            logits.append(out.logits[0, 6:].float())
+        base, completion_changed, prompt_changed = (
+            packed_token_logps(model, pack_completions(p, prompt_mask, c, mask, 2), c, mask)
+            for p, c in (
+                (prompts, completions),
+                (prompts, other_completion),
+                (other_prompt, completions),
+            )
+        )
     finally:
         model.train(was_training)
-    return torch.allclose(logits[0], logits[1], rtol=0, atol=1e-4)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=0, atol=1e-5)
+
+    return (
+        same(completion_changed[1:], base[1:])
+        and same(prompt_changed[[1, 3]], base[[1, 3]])
+        and bool((prompt_changed[2] != base[2]).all())
+    )
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ from trainer.logprobs import (
     completion_token_logps,
     contains_eos,
     masked_sum,
-    packing_keeps_sequences_apart,
+    packing_is_exact,
 )
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
 from trainer.rollout_process import RolloutProcess, SampleRequest
@@ -88,6 +88,10 @@ class Rollout:
     ref_logps: torch.Tensor | None  # [K·B, T] per token; None: computed at training time
     policy_version: int  # global step of the weights that sampled it
     generate_seconds: float
+
+    @property
+    def num_samples(self) -> int:
+        return self.completion_ids.shape[0] // len(self.prompts)
 
 
 def resolve_async_backend(args: OnlineDPOConfig, distributed_type: DistributedType) -> str:
@@ -226,21 +230,20 @@ class OnlineDPOTrainer(Trainer):
         self._saved_rollouts: dict[str, Any] | None = None  # from the checkpoint resumed
 
     def _resolve_padding_free(self) -> bool:
-        """``args.padding_free``, with ``None`` resolved (on for CPU training and flash
-        attention), and off when the model's attention would mix packed sequences."""
+        """``args.padding_free``, with ``None`` resolved (on for CPU training), and off when
+        the model does not honour the packed batch's attention mask."""
         wanted = self.args.padding_free
         if wanted is None:
-            config = self.accelerator.unwrap_model(self.model).config
-            attention = getattr(config, "_attn_implementation", None) or ""
-            wanted = self.args.device.type == "cpu" or attention.startswith("flash")
+            wanted = self.args.device.type == "cpu"
         if not wanted:
             return False
         with unwrapped_for_generation(self.model, self.accelerator) as policy:
-            if packing_keeps_sequences_apart(policy):
+            if packing_is_exact(policy):
                 return True
+            attention = getattr(policy.config, "_attn_implementation", None)
         problem = (
-            f"{type(policy).__name__} lets packed sequences attend to each other (its attention "
-            "mask ignores position ids restarting at 0)"
+            f"{type(policy).__name__} with {attention} attention does not keep packed "
+            "sequences apart (it ignores a custom attention mask)"
         )
         if self.args.padding_free:
             raise ValueError(f"padding_free=True: {problem}; set padding_free=False")
@@ -266,7 +269,7 @@ class OnlineDPOTrainer(Trainer):
         mask = rollout.completion_mask
         logps = completion_token_logps(
             model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask,
-            args.max_length, self.padding_free,
+            args.max_length, self.padding_free, rollout.num_samples,
         )  # fmt: skip
         ref_logps = rollout.ref_logps
         if ref_logps is None:
@@ -405,6 +408,7 @@ class OnlineDPOTrainer(Trainer):
             logps = completion_token_logps(
                 ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                 rollout.completion_mask, self.args.max_length, self.padding_free,
+                rollout.num_samples,
             )  # fmt: skip
         return logps.clone()  # a normal tensor again: the loss's graph may use it
 
