@@ -29,7 +29,12 @@ from common.client import RewardServiceError
 from common.demo_models import DemoModels
 from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, tiny_config
 from trainer.config import OnlineDPOConfig
-from trainer.logprobs import completion_token_logps, pack_completions, truncate_after_eos
+from trainer.logprobs import (
+    completion_token_logps,
+    pack_completions,
+    packed_token_logps,
+    truncate_after_eos,
+)
 from trainer.service_process import running_service
 from trainer.trainer import OnlineDPOTrainer
 
@@ -481,6 +486,12 @@ def test_left_truncation_keeps_log_probs_aligned(
     demo_models: DemoModels, padding_free: bool
 ) -> None:
     model, tok = policy(demo_models), tokenizer(demo_models)
+
+    def logps(*args: Any) -> torch.Tensor:
+        if padding_free:
+            return packed_token_logps(model, pack_completions(*args[:4], 1, args[4]))
+        return completion_token_logps(model, *args)
+
     prompts = ["the movie was", "my friends found the cast"]
     # Three columns of nothing but padding on the left.
     width = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 3
@@ -491,22 +502,16 @@ def test_left_truncation_keeps_log_probs_aligned(
     completion = completion_ids(tok, COMPLETIONS[:2])
     mask = torch.ones_like(completion)
     mask[0, 5:] = 0  # " great and lovely .</s>" ends at its EOS
-    full = completion_token_logps(
-        model, prompt_ids, prompt_mask, completion, mask, 512, padding_free
-    )
+    full = logps(prompt_ids, prompt_mask, completion, mask, 512)
     plain = hand_logps(model, prompt_ids, prompt_mask, completion, mask)
     torch.testing.assert_close(full * mask, plain * mask, rtol=0, atol=1e-5)
     # Truncation that removes only the padding columns changes nothing.
     max_length = width + WIDTH - 3
-    cut = completion_token_logps(
-        model, prompt_ids, prompt_mask, completion, mask, max_length, padding_free
-    )
+    cut = logps(prompt_ids, prompt_mask, completion, mask, max_length)
     torch.testing.assert_close(cut * mask, full * mask, rtol=0, atol=1e-5)
     # Truncation down to one prompt token: the first completion token is still predicted from
     # that token (TRL's slicing shifts by one when nothing of the prompt is left).
-    one = completion_token_logps(
-        model, prompt_ids, prompt_mask, completion, mask, WIDTH + 1, padding_free
-    )
+    one = logps(prompt_ids, prompt_mask, completion, mask, WIDTH + 1)
     last = prompt_ids[:, -1:]
     want = hand_logps(model, last, torch.ones_like(last), completion, mask)
     torch.testing.assert_close(one * mask, want * mask, rtol=0, atol=1e-5)
@@ -533,7 +538,7 @@ def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
         completion_ids(tok, COMPLETIONS), [tok.eos_token_id], tok.pad_token_id
     )
     assert len(set(mask.sum(-1).tolist())) > 1
-    packed = pack_completions(prompt_ids, prompt_mask, completion, mask, num_samples)
+    packed = pack_completions(prompt_ids, prompt_mask, completion, mask, num_samples, 512)
     prompts_packed = prompt_mask[: 8 // num_samples].sum()  # with 2 samples, each prompt once
     assert packed.input_ids.shape[1] == prompts_packed + mask.sum()
     results = []
@@ -541,9 +546,10 @@ def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
         model = AutoModelForCausalLM.from_pretrained(
             demo_models.policy, attn_implementation=attention
         )
-        logps = completion_token_logps(
-            model, prompt_ids, prompt_mask, completion, mask, 512, padding_free, num_samples
-        )
+        if padding_free:
+            logps = packed_token_logps(model, packed)
+        else:
+            logps = completion_token_logps(model, prompt_ids, prompt_mask, completion, mask, 512)
         (logps * mask).sum().backward()
         results.append((logps * mask, [p.grad for p in model.parameters()]))
     (padded, padded_grads), (packed_logps, packed_grads) = results
@@ -559,9 +565,9 @@ def test_packing_refuses_completions_that_do_not_share_their_prompt() -> None:
     prompts = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6]])
     completions = torch.ones(4, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="must share it"):
-        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 2)
+        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 2, 8)
     with pytest.raises(ValueError, match="not 3 per prompt"):
-        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 3)
+        pack_completions(prompts, torch.ones_like(prompts), completions, completions, 3, 8)
 
 
 @pytest.fixture(params=["prompt hidden", "sequences mixed"])
@@ -585,10 +591,25 @@ def packing_mask_ignored(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
         )
 
 
-def test_padding_free_default_is_on_for_cpu_training(
-    demo_models: DemoModels, service: str, tmp_path: Path
+def test_padding_free_default_is_on_for_cpu_training_and_packs_once_per_step(
+    demo_models: DemoModels, service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert make_trainer(demo_models, config(tmp_path, service)).padding_free
+    """On CPU padding-free passes are the default; the reference and the policy pass share
+    one packed batch per step."""
+    import trainer.trainer as trainer_module
+
+    packs = []
+    pack = trainer_module.pack_completions
+
+    def counted(*args: Any) -> Any:
+        packs.append(args)
+        return pack(*args)
+
+    monkeypatch.setattr(trainer_module, "pack_completions", counted)
+    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2))
+    assert trainer.padding_free
+    trainer.train()
+    assert len(packs) == 2
     assert not make_trainer(demo_models, config(tmp_path, service, padding_free=False)).padding_free
 
 
@@ -695,10 +716,8 @@ def test_score_request_overlaps_the_log_prob_forwards(
     """A slow reward service (0.3 s per request) and slower log-prob forwards (0.5 s each):
     the request is in flight while the reference and policy forwards run, so the trainer
     barely waits for it."""
-    import trainer.trainer as trainer_module
-
     spans: dict[str, list[tuple[float, float]]] = {"score": [], "forward": []}
-    forward = trainer_module.completion_token_logps
+    forward = OnlineDPOTrainer._token_logps
 
     def slow_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         start = time.perf_counter()
@@ -707,7 +726,7 @@ def test_score_request_overlaps_the_log_prob_forwards(
         spans["forward"].append((start, time.perf_counter()))
         return out
 
-    monkeypatch.setattr(trainer_module, "completion_token_logps", slow_forward)
+    monkeypatch.setattr(OnlineDPOTrainer, "_token_logps", slow_forward)
     trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2))
     score = trainer.scorer.client.score
 

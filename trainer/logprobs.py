@@ -54,25 +54,16 @@ def completion_token_logps(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     max_length: int,
-    padding_free: bool = False,
-    num_samples: int = 1,
 ) -> torch.Tensor:
     """Log-probs (temperature 1) of each completion token given everything before it: ``[N, T]``.
 
     Position ids follow the attention mask, as in ``generate`` with left padding. Entries at
-    masked completion positions are meaningless: multiply by ``completion_mask``. With
-    ``padding_free`` the batch runs as one packed row without padding, each prompt once for
-    its ``num_samples`` completions (rows in TRL's block layout; see :func:`pack_completions`):
-    the same values, less compute.
+    masked completion positions are meaningless: multiply by ``completion_mask``. The same
+    values without padding: :func:`pack_completions` and :func:`packed_token_logps`.
     """
     prompt_ids, prompt_mask = left_truncate(
         prompt_ids, prompt_mask, completion_ids.shape[1], max_length
     )
-    if padding_free:
-        packed = pack_completions(
-            prompt_ids, prompt_mask, completion_ids, completion_mask, num_samples
-        )
-        return packed_token_logps(model, packed, completion_ids, completion_mask)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -98,6 +89,8 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, S]: each prompt from 0, each completion after its prompt
     visible: torch.Tensor  # [S, S] bool: may the token of row q attend the token of column k
     predictors: torch.Tensor  # [M]: the token whose logits predict each kept completion token
+    targets: torch.Tensor  # [M]: the kept completion tokens
+    kept: torch.Tensor  # [N, T] bool: the completion mask, where the M log-probs go
 
 
 def pack_completions(
@@ -106,16 +99,19 @@ def pack_completions(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     num_samples: int,
+    max_length: int,
 ) -> PackedBatch:
     """Pack left-padded prompts and right-padded completions into one row: each prompt's real
-    tokens once, then the real tokens of each of its ``num_samples`` completions.
+    tokens once (cut to ``max_length`` as in :func:`completion_token_logps`), then the real
+    tokens of each of its ``num_samples`` completions.
 
     Rows are in TRL's block layout (sample ``k`` of prompt ``i`` at row ``k·B + i``). A token
     sees the earlier tokens of its prompt and of its own completion only, so each completion
-    gets the log-probs of its own padded row. ``predictors`` follows the row-major order of
-    ``completion_mask``'s ones.
+    gets the log-probs of its own padded row. ``predictors`` and ``targets`` follow the
+    row-major order of ``completion_mask``'s ones.
     """
     n, t = completion_ids.shape
+    prompt_ids, prompt_mask = left_truncate(prompt_ids, prompt_mask, t, max_length)
     if n % num_samples:
         raise ValueError(f"{n} completions are not {num_samples} per prompt")
     b = n // num_samples
@@ -156,17 +152,15 @@ def pack_completions(
     previous = torch.cat(
         [index[:, p - 1].view(b, 1, 1).expand(b, num_samples, 1), completion_index[:, :, :-1]], -1
     )
-    predictors = previous.transpose(0, 1).reshape(n, t)[completion_mask.bool()]
-    return PackedBatch(ids[real].unsqueeze(0), pos.unsqueeze(0), visible, predictors)
+    kept = completion_mask.bool()
+    predictors = previous.transpose(0, 1).reshape(n, t)[kept]
+    return PackedBatch(
+        ids[real].unsqueeze(0), pos.unsqueeze(0), visible, predictors, completion_ids[kept], kept
+    )
 
 
-def packed_token_logps(
-    model: nn.Module,
-    packed: PackedBatch,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`completion_token_logps` of a :class:`PackedBatch` (masked entries are 0)."""
+def packed_token_logps(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """:func:`completion_token_logps` of a :class:`PackedBatch`: ``[N, T]``, masked entries 0."""
     visible = packed.visible[None, None]
     if _attention_implementation(model) == "eager":  # adds the mask to the scores
         dtype = next(model.parameters()).dtype
@@ -180,11 +174,9 @@ def packed_token_logps(
         logits_to_keep=packed.predictors,
         use_cache=False,
     ).logits[0]
-    kept = completion_mask.bool()
-    picked = token_logps(logits.float(), completion_ids[kept])
-    return torch.zeros(kept.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
-        kept, picked
-    )
+    picked = token_logps(logits.float(), packed.targets)
+    zeros = torch.zeros(packed.kept.shape, dtype=picked.dtype, device=picked.device)
+    return zeros.masked_scatter(packed.kept, picked)
 
 
 def _attention_implementation(model: nn.Module) -> str | None:
@@ -223,7 +215,7 @@ def packing_is_exact(model: nn.Module) -> bool:
     model.eval()  # dropout would differ between the passes
     try:
         base, completion_changed, prompt_changed = (
-            packed_token_logps(model, pack_completions(p, prompt_mask, c, mask, 2), c, mask)
+            packed_token_logps(model, pack_completions(p, prompt_mask, c, mask, 2, 16))
             for p, c in (
                 (prompts, completions),
                 (prompts, other_completion),

@@ -55,9 +55,12 @@ from trainer.generation import (
     unwrapped_for_generation,
 )
 from trainer.logprobs import (
+    PackedBatch,
     completion_token_logps,
     contains_eos,
     masked_sum,
+    pack_completions,
+    packed_token_logps,
     packing_is_exact,
 )
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
@@ -88,6 +91,8 @@ class Rollout:
     ref_logps: torch.Tensor | None  # [K·B, T] per token; None: computed at training time
     policy_version: int  # global step of the weights that sampled it
     generate_seconds: float
+    # padding_free: the batch as one packed row, built once for the reference and policy passes
+    packed: PackedBatch | None = None
 
     @property
     def num_samples(self) -> int:
@@ -267,10 +272,7 @@ class OnlineDPOTrainer(Trainer):
         rollout = self._take_rollout(model, inputs["prompt"])  # generate, /score request sent
         start = time.perf_counter()
         mask = rollout.completion_mask
-        logps = completion_token_logps(
-            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask,
-            args.max_length, self.padding_free, rollout.num_samples,
-        )  # fmt: skip
+        logps = self._token_logps(model, rollout)
         ref_logps = rollout.ref_logps
         if ref_logps is None:
             ref_logps = self._ref_token_logps(model, rollout)
@@ -397,19 +399,36 @@ class OnlineDPOTrainer(Trainer):
             )
         k = completion_ids.shape[0] // len(prompts)
         scores = self.scorer.submit(score_items(list(prompts) * k, completions))
-        return Rollout(
+        rollout = Rollout(
             list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, scores,
             None, version, generate_seconds,
+        )  # fmt: skip
+        rollout.packed = self._pack(rollout)
+        return rollout
+
+    def _pack(self, rollout: Rollout) -> PackedBatch | None:
+        """With ``padding_free``, the rollout as one packed row (outside inference mode: the
+        policy pass takes gradients through it)."""
+        if not self.padding_free:
+            return None
+        return pack_completions(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+            rollout.completion_mask, rollout.num_samples, self.args.max_length,
+        )  # fmt: skip
+
+    def _token_logps(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Per-token log-probs of the rollout's completions under ``model``."""
+        if rollout.packed is not None:
+            return packed_token_logps(model, rollout.packed)
+        return completion_token_logps(
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+            rollout.completion_mask, self.args.max_length,
         )  # fmt: skip
 
     def _ref_token_logps(self, model: nn.Module | None, rollout: Rollout) -> torch.Tensor:
         ref, adapter_off = self._reference(model)
         with adapter_off, torch.inference_mode():
-            logps = completion_token_logps(
-                ref, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                rollout.completion_mask, self.args.max_length, self.padding_free,
-                rollout.num_samples,
-            )  # fmt: skip
+            logps = self._token_logps(ref, rollout)
         return logps.clone()  # a normal tensor again: the loss's graph may use it
 
     def _reference(self, model: nn.Module | None) -> tuple[nn.Module, AbstractContextManager]:
@@ -499,7 +518,10 @@ class OnlineDPOTrainer(Trainer):
         records = []
         for _, future in self._pending:
             rollout = future.result()
-            record = {f.name: getattr(rollout, f.name) for f in fields(Rollout)}
+            # The packed batch is built again from the rest when the rollout is restored.
+            record = {
+                f.name: getattr(rollout, f.name) for f in fields(Rollout) if f.name != "packed"
+            }
             records.append({**record, "scores": rollout.scores.result()})
         path = os.path.join(checkpoint, ROLLOUTS_FILE.format(rank=self.accelerator.process_index))
         torch.save({"step": self.state.global_step, "rollouts": records}, path)
@@ -526,7 +548,9 @@ class OnlineDPOTrainer(Trainer):
             scores: Future[torch.Tensor] = Future()
             scores.set_result(record["scores"])
             done: Future[Rollout] = Future()
-            done.set_result(Rollout(**{**record, "scores": scores}))
+            rollout = Rollout(**{**record, "scores": scores})
+            rollout.packed = self._pack(rollout)
+            done.set_result(rollout)
             self._pending.append((record["prompts"], done))
 
     def _cancel_pending(self) -> None:
@@ -726,10 +750,7 @@ class OnlineDPOTrainer(Trainer):
                 ref, adapter_off = self._reference(policy)
                 with adapter_off:
                     theirs = self._rollout(ref, prompts, step, num_samples=1, with_ref=False)
-                logps = completion_token_logps(
-                    policy, mine.prompt_ids, mine.prompt_mask, mine.completion_ids,
-                    mine.completion_mask, self.args.max_length, self.padding_free,
-                )  # fmt: skip
+                logps = self._token_logps(policy, mine)
             finally:
                 policy.train(was_training)
         ref_logps = mine.ref_logps
