@@ -28,7 +28,7 @@ from common.schemas import (
 from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, from_validation_error, install_error_handlers
 from reward_service.metrics import ServiceMetrics
-from reward_service.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
+from reward_service.middleware import ApiKeyMiddleware, DirectRoutes, RequestMetricsMiddleware
 from reward_service.scorer import Encoded, ItemError, Scorer
 from reward_service.settings import ServiceSettings
 
@@ -97,15 +97,6 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     )
     app.state.service = state
     install_error_handlers(app, state.metrics)
-    if settings.api_key is not None:
-        # Outside the routing, so no route (a new one, the docs, a 404 or 405) can skip it.
-        app.add_middleware(
-            ApiKeyMiddleware,
-            key=settings.api_key.get_secret_value(),
-            public=PUBLIC_ROUTES,
-            metrics=state.metrics,
-        )
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
 
     def serving() -> tuple[Scorer, Batcher]:
         """503 while loading or draining."""
@@ -184,6 +175,21 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         scorer, _, logits, _ = await score_texts(request, parse)
         scores = [row[scorer.score_label] for row in logits]
         return _json({"rewards": scores, "scores": scores})
+
+    # Each add_middleware wraps the ones added before it: the key check and the request
+    # metrics apply to the directly served scoring routes too.
+    app.add_middleware(
+        DirectRoutes, endpoints={"/score": score, "/get_reward": get_reward}, metrics=state.metrics
+    )
+    if settings.api_key is not None:
+        # Outside the routing, so no route (a new one, the docs, a 404 or 405) can skip it.
+        app.add_middleware(
+            ApiKeyMiddleware,
+            key=settings.api_key.get_secret_value(),
+            public=PUBLIC_ROUTES,
+            metrics=state.metrics,
+        )
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
 
     @app.get("/health", summary="Liveness: 200 while the process serves (503 if loading failed)")
     async def health() -> Response:
@@ -266,18 +272,15 @@ async def _read_json_body(request: Request, max_bytes: int) -> str:
             "unsupported_media_type",
             f"Content-Type must be application/json, got {media_type or 'none'!r}",
         )
-    too_large = ApiError(
-        413, "body_too_large", f"body exceeds max_body_bytes {max_bytes}", {"Connection": "close"}
-    )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
+        raise _body_too_large(max_bytes)
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise too_large
+            raise _body_too_large(max_bytes)
         chunks.append(chunk)
     try:
         return b"".join(chunks).decode("utf-8")
@@ -285,6 +288,12 @@ async def _read_json_body(request: Request, max_bytes: int) -> str:
         raise ApiError(
             400, "invalid_encoding", f"body is not valid UTF-8 (byte {exc.start})"
         ) from None
+
+
+def _body_too_large(max_bytes: int) -> ApiError:
+    return ApiError(
+        413, "body_too_large", f"body exceeds max_body_bytes {max_bytes}", {"Connection": "close"}
+    )
 
 
 def _parse(model: type[_Body], body: str, field: str, max_items: int) -> _Body:

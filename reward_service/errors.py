@@ -84,16 +84,21 @@ def from_validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "validation_error", format_validation_errors(errors))
 
 
+def api_error_response(exc: ApiError, metrics: ServiceMetrics) -> JSONResponse:
+    """The envelope of ``exc``, counted in the errors metric."""
+    metrics.errors.labels(exc.type).inc()
+    return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     """Route every error, including FastAPI's own, through the envelope and count it."""
 
     def respond(status: int, type_: str, message: str, headers: Mapping[str, str] | None = None):
-        metrics.errors.labels(type_).inc()
-        return error_response(status, type_, message, headers)
+        return api_error_response(ApiError(status, type_, message, headers), metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return respond(exc.status, exc.type, exc.message, exc.headers)
+        return api_error_response(exc, metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: API key check, per-route request metrics, and a 500 envelope for
-unexpected errors."""
+"""Pure ASGI middleware: API key check, per-route request metrics, a 500 envelope for
+unexpected errors, and the direct dispatch of the scoring routes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import hmac
 import logging
 import time
 import traceback
-from collections.abc import Iterable, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reward_service.errors import error_response
+from reward_service.errors import ApiError, api_error_response, error_response
 from reward_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -94,3 +96,35 @@ class ApiKeyMiddleware:
                 return False
             supplied = token.strip()
         return hmac.compare_digest(supplied, self.key)  # constant time
+
+
+class DirectRoutes:
+    """Serves ``POST`` on the given paths by calling their endpoints straight away.
+
+    FastAPI's exception, routing and dependency layers took about a quarter of the event loop's
+    time per single-item ``/score`` request, and these endpoints use none of them: they take
+    the bare :class:`Request` and raise :class:`ApiError`. The same endpoints stay registered as
+    FastAPI routes, which document them in OpenAPI and answer other methods (405). Installed
+    innermost, so the API key check and the request metrics still apply.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        endpoints: Mapping[str, Callable[[Request], Awaitable[Response]]],
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.app = app
+        self.endpoints = dict(endpoints)
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await endpoint(Request(scope, receive))
+        except ApiError as exc:
+            response = api_error_response(exc, self.metrics)
+        await response(scope, receive, send)

@@ -1,20 +1,26 @@
 """Parts of the reward service on their own: truncation, padding, batch planning, error
-formatting, settings, and the batcher's queue driving the real demo model without HTTP."""
+formatting, settings, the direct dispatch of the scoring routes, and the batcher's queue driving
+the real demo model without HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import httpx
 import pytest
 import torch
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ScoreRequest
 from reward_service.batcher import Batcher, Draining, QueueFull, plan_batches
-from reward_service.errors import format_loc, from_validation_error
+from reward_service.errors import ApiError, format_loc, from_validation_error
 from reward_service.metrics import ServiceMetrics
+from reward_service.middleware import DirectRoutes
 from reward_service.scorer import Scorer, pad_right, truncate
 from reward_service.settings import ServiceSettings
 
@@ -78,6 +84,41 @@ def test_format_loc_and_validation_messages() -> None:
     assert (from_validation_error(info.value).status, from_validation_error(info.value).type) == (
         400, "invalid_json",
     )  # fmt: skip
+
+
+def test_direct_routes_serve_post_on_their_paths_and_pass_everything_else_on() -> None:
+    metrics = ServiceMetrics()
+    passed_on: list[tuple[str, str]] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        passed_on.append((scope["method"], scope["path"]))
+        await PlainTextResponse("routed", status_code=405)(scope, receive, send)
+
+    async def endpoint(request: Request) -> Response:
+        body = await request.body()
+        if body == b"bad":
+            raise ApiError(422, "validation_error", "items[0].text: bad", {"X-Why": "test"})
+        return JSONResponse({"echo": body.decode()})
+
+    async def run() -> list[httpx.Response]:
+        app = DirectRoutes(inner, {"/score": endpoint}, metrics)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.post("/score", content=b"hi"),
+                await client.post("/score", content=b"bad"),
+                await client.get("/score"),
+                await client.post("/other", content=b"hi"),
+            ]
+
+    ok, bad, get, other = asyncio.run(run())
+    assert ok.json() == {"echo": "hi"}
+    assert bad.status_code == 422 and bad.headers["x-why"] == "test"
+    assert bad.json() == {"error": {"type": "validation_error", "message": "items[0].text: bad"}}
+    counted = metrics.registry.get_sample_value("reward_errors_total", {"type": "validation_error"})
+    assert counted == 1
+    assert (get.status_code, get.text, other.text) == (405, "routed", "routed")
+    assert passed_on == [("GET", "/score"), ("POST", "/other")]
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
