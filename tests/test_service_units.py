@@ -149,6 +149,15 @@ def scorer(request: pytest.FixtureRequest) -> Scorer:
     return Scorer.load(ServiceSettings(model=str(demo.reward)))
 
 
+def test_scorer_forward_builds_no_kv_cache(scorer: Scorer) -> None:
+    ids = scorer.encode(["great", "a dull plot"]).ids
+    input_ids, attention_mask = pad_right(ids, scorer.pad_id)
+    with torch.inference_mode():
+        out = scorer.model(input_ids=input_ids, attention_mask=attention_mask)
+    assert out.cache is None
+    assert torch.equal(out.logits, scorer.forward(ids))
+
+
 def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer: Scorer) -> None:
     metrics = ServiceMetrics()
     texts = generate_corpus(30, seed=3)
