@@ -105,7 +105,9 @@ class DirectRoutes:
     time per single-item ``/score`` request, and these endpoints use none of them: they take
     the bare :class:`Request` and raise :class:`ApiError`. The same endpoints stay registered as
     FastAPI routes, which document them in OpenAPI and answer other methods (405). Installed
-    innermost, so the API key check and the request metrics still apply.
+    innermost, so the API key check and the request metrics still apply. With an OpenTelemetry
+    provider configured, FastAPI still opens a span per request, but without the route name
+    that its routing would set.
     """
 
     def __init__(
