@@ -162,7 +162,7 @@ def pack_completions(
 def packed_token_logps(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """:func:`completion_token_logps` of a :class:`PackedBatch`: ``[N, T]``, masked entries 0."""
     visible = packed.visible[None, None]
-    if _attention_implementation(model) == "eager":  # adds the mask to the scores
+    if attention_implementation(model) == "eager":  # adds the mask to the scores
         dtype = next(model.parameters()).dtype
         visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
             ~visible, torch.finfo(dtype).min
@@ -179,7 +179,8 @@ def packed_token_logps(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     return zeros.masked_scatter(packed.kept, picked)
 
 
-def _attention_implementation(model: nn.Module) -> str | None:
+def attention_implementation(model: nn.Module) -> str | None:
+    """The model's attention implementation (``sdpa``, ``eager``, ...), through a DDP wrapper."""
     config = getattr(model, "config", None) or getattr(
         getattr(model, "module", None), "config", None
     )

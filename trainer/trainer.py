@@ -56,6 +56,7 @@ from trainer.generation import (
 )
 from trainer.logprobs import (
     PackedBatch,
+    attention_implementation,
     completion_token_logps,
     contains_eos,
     masked_sum,
@@ -245,7 +246,7 @@ class OnlineDPOTrainer(Trainer):
         with unwrapped_for_generation(self.model, self.accelerator) as policy:
             if packing_is_exact(policy):
                 return True
-            attention = getattr(policy.config, "_attn_implementation", None)
+            attention = attention_implementation(policy)
         problem = (
             f"{type(policy).__name__} with {attention} attention does not keep packed "
             "sequences apart (it ignores a custom attention mask)"
