@@ -341,7 +341,10 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     texts = make_texts(args.items)
     flags = ["--num-threads", str(args.num_threads), "--max-batch-size", str(args.max_batch_size)]
     settings = ServiceSettings(
-        model=str(path), num_threads=args.num_threads, max_batch_size=args.max_batch_size
+        model=str(path),
+        num_threads=args.num_threads,
+        max_batch_size=args.max_batch_size,
+        forward_process=False,  # (a) is the model in this process; the service has its own
     )
     scorer = Scorer.load(settings)
     probe = texts[0]

@@ -23,8 +23,9 @@ logger = logging.getLogger("reward_service")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus: /ready turns 503 on SIGTERM, a failed model load stops the process, and
-    with ``parent_pid`` the service stops when its parent is gone."""
+    """uvicorn, plus: /ready turns 503 on SIGTERM, a failed model load or an exited model
+    process stops the server (exit code 1), and with ``parent_pid`` the service stops when its
+    parent is gone."""
 
     def __init__(
         self, config: uvicorn.Config, state: ServiceState, parent_pid: int | None = None
@@ -32,14 +33,16 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.parent_pid = parent_pid
+        self.failed = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.draining = True
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self.state.load_error is not None:
-            self.should_exit = True
+        if not self.should_exit and (failure := self.state.failure()) is not None:
+            logger.error("%s; shutting down", failure.message)
+            self.failed = self.should_exit = True
         # uvicorn ticks every 0.1 s. A dead parent's children are re-parented (to init or a
         # subreaper), so a changed parent pid is how a SIGKILL of the parent shows here.
         if self.parent_pid is not None and not self.should_exit:
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
     )
     state: ServiceState = app.state.service
-    _Server(config, state, settings.parent_pid).run()
-    return 1 if state.load_error is not None else 0
+    server = _Server(config, state, settings.parent_pid)
+    server.run()
+    return 1 if server.failed else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, from_validation_error, install_error_handlers
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import ApiKeyMiddleware, DirectRoutes, RequestMetricsMiddleware
+from reward_service.runner import ModelProcessExited
 from reward_service.scorer import Encoded, ItemError, Scorer
 from reward_service.settings import ServiceSettings
 
@@ -68,6 +69,14 @@ class ServiceState:
     draining: bool = False
     load_error: str | None = None
 
+    def failure(self) -> ApiError | None:
+        """Why the service can never score (the model did not load, or its process exited)."""
+        if self.load_error is not None:
+            return ApiError(503, "load_failed", self.load_error)
+        if self.scorer is not None and (lost := self.scorer.runner.failure()) is not None:
+            return ApiError(503, "model_process_exited", f"{lost}; restart the service")
+        return None
+
 
 def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> FastAPI:
     """A reward service app; its lifespan loads the model in the background with ``loader``.
@@ -88,6 +97,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
             await load  # a loading thread cannot be interrupted; let it finish
             if state.batcher is not None:
                 await state.batcher.close(settings.drain_timeout_s)
+            if state.scorer is not None:
+                await asyncio.to_thread(state.scorer.close)
 
     app = FastAPI(
         title="Reward service",
@@ -99,9 +110,11 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
     install_error_handlers(app, state.metrics)
 
     def serving() -> tuple[Scorer, Batcher]:
-        """503 while loading or draining."""
+        """503 while loading or draining, or when the model is gone."""
         if state.draining:
             raise ApiError(503, "draining", "the service is shutting down")
+        if (failure := state.failure()) is not None:
+            raise failure
         if state.scorer is None or state.batcher is None or not state.ready:
             raise ApiError(503, "loading", "the model is still loading", {"Retry-After": "1"})
         return state.scorer, state.batcher
@@ -125,6 +138,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
             ) from None
         except Draining as exc:
             raise ApiError(503, "draining", str(exc)) from None
+        except ModelProcessExited as exc:
+            raise ApiError(503, "model_process_exited", f"{exc}; restart the service") from None
         except Exception:
             raise ApiError(500, "inference_error", "forward pass failed; see the log") from None
         n_truncated = sum(encoded.truncated)
@@ -193,14 +208,14 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
 
     @app.get("/health", summary="Liveness: 200 while the process serves (503 if loading failed)")
     async def health() -> Response:
-        if state.load_error is not None:
-            raise ApiError(503, "load_failed", state.load_error)
+        if (failure := state.failure()) is not None:
+            raise failure
         return _json({"status": "ok"})
 
     @app.get("/ready", responses=_ERRORS, summary="Readiness: 200 once loaded and warmed up")
     async def ready() -> Response:
-        if state.load_error is not None:
-            raise ApiError(503, "load_failed", state.load_error)
+        if (failure := state.failure()) is not None:
+            raise failure
         if state.draining:
             raise ApiError(503, "draining", "the service is shutting down")
         if not state.ready:
@@ -214,8 +229,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
             InfoResponse(
                 model_id=scorer.model_id,
                 weights_hash=scorer.weights_hash,
-                dtype=str(scorer.dtype).removeprefix("torch."),
-                device=str(scorer.device),
+                dtype=scorer.dtype,
+                device=scorer.device,
                 num_labels=scorer.num_labels,
                 id2label=scorer.id2label,
                 score_label=scorer.score_label,
@@ -239,12 +254,15 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
 async def _load(state: ServiceState, loader: Loader) -> None:
     """Load the model and warm it up off the event loop, then start the batcher."""
     settings = state.settings
+    scorer: Scorer | None = None
     try:
         scorer = await asyncio.to_thread(loader, settings)
         await asyncio.to_thread(scorer.warmup)
     except Exception as exc:
         state.load_error = f"loading {settings.model!r} failed: {type(exc).__name__}: {exc}"
         logger.error("%s", state.load_error)
+        if scorer is not None:
+            await asyncio.to_thread(scorer.close)
         return
     state.scorer = scorer
     state.batcher = Batcher(
@@ -257,9 +275,9 @@ async def _load(state: ServiceState, loader: Loader) -> None:
     )
     state.ready = True
     logger.info(
-        "ready: model %s (weights %s, %s on %s, %d labels, max_length %d)",
+        "ready: model %s (weights %s, %s on %s, %d labels, max_length %d, %s)",
         scorer.model_id, scorer.weights_hash, scorer.dtype, scorer.device, scorer.num_labels,
-        scorer.max_length,
+        scorer.max_length, "own process" if settings.forward_process else "in-process",
     )  # fmt: skip
 
 

@@ -1,25 +1,23 @@
 """The model side of the service: render items to text, tokenize, truncate, run forward passes.
 
 Everything here is synchronous and usable in-process (tests and benchmarks call it directly);
-the batcher runs :meth:`Scorer.forward` in a worker thread.
+the batcher runs :meth:`Scorer.forward` in a worker thread. The model itself sits behind a
+:class:`~reward_service.runner.Runner`: in a child process by default, or in this one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jinja2 import TemplateError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
-from transformers.utils import cached_file
-from transformers.utils.logging import disable_progress_bar
+from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
+from reward_service.runner import Runner, start_runner
 from reward_service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -28,7 +26,6 @@ TruncationSide = Literal["left", "right", "error"]
 # Requests with fewer texts are tokenized one by one: handing a few short texts to the Rust
 # thread pool took ~10x longer than encoding them in place while a forward pass ran.
 _PARALLEL_MIN = 16
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ItemError(ValueError):
@@ -65,47 +62,6 @@ def truncate(
     return ids[:head] + content + ids[len(ids) - tail :]
 
 
-def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` right-padded with ``pad_id`` and the matching ``attention_mask``.
-
-    Right padding keeps every item's positions 0..n-1, exactly as in a single-item forward, and
-    under the causal mask real tokens never attend to the padding after them.
-    """
-    width = max(len(s) for s in seqs)
-    input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
-    lengths = torch.tensor([len(s) for s in seqs])
-    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    return input_ids, attention_mask
-
-
-def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
-    """Short sha256 of the weight files (safetensors, else .bin) the model was loaded from.
-
-    Falls back to hashing the in-memory state dict when no weight files can be found.
-    """
-    folder: Path | None = Path(name_or_path)
-    if not folder.is_dir():
-        try:  # a hub id: the snapshot folder it was downloaded to
-            folder = Path(cached_file(name_or_path, "config.json")).parent
-        except OSError:
-            folder = None
-    files = []
-    if folder is not None:
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    digest = hashlib.sha256()
-    if files:
-        for path in files:
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-    else:
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _messages(item: ScoreItem) -> list[dict[str, str]]:
     if item.messages is not None:
         return [m.model_dump() for m in item.messages]
@@ -116,43 +72,32 @@ def _messages(item: ScoreItem) -> list[dict[str, str]]:
 
 
 class Scorer:
-    """A loaded sequence-classification model with its tokenizer and input rules."""
+    """A loaded sequence-classification model (behind its runner), its tokenizer and input rules."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        runner: Runner,
         tokenizer: Any,
         *,
         model_id: str,
-        weights_hash: str,
         max_length: int,
         truncation_side: TruncationSide,
         score_label: int | str = 0,
     ) -> None:
-        self.model = model
+        self.runner = runner
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.weights_hash = weights_hash
         self.max_length = max_length
         self.truncation_side = truncation_side
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        text_config = model.config.get_text_config()
-        if text_config.pad_token_id is None:
-            pad = tokenizer.pad_token_id
-            pad = tokenizer.eos_token_id if pad is None else pad
-            if pad is None:
-                raise ValueError("neither the model config nor the tokenizer defines a pad token")
-            # The head reads the score at the last token that is not pad_token_id.
-            text_config.pad_token_id = pad
-        self.pad_id: int = text_config.pad_token_id
-        # Scoring never decodes: left on, a causal backbone fills a KV cache of the whole batch
-        # in every forward only to drop it (Llama-2-7B, 64 x 2048 tokens in bf16: 64 GiB).
-        text_config.use_cache = False
+        info = runner.info
+        self.weights_hash = info.weights_hash
+        self.device = info.device
+        self.dtype = info.dtype
+        self.pad_id = info.pad_id
         if self.pad_id == tokenizer.eos_token_id:
             logger.warning("pad token == EOS: items ending in EOS are scored at the token before")
-        self.num_labels: int = model.config.num_labels
-        self.id2label: dict[int, str] = {int(k): v for k, v in model.config.id2label.items()}
+        self.num_labels = info.num_labels
+        self.id2label = info.id2label
         self.score_label = self.label_index(score_label)
         self.bos_token: str | None = tokenizer.bos_token
         self.bos_id: int | None = tokenizer.bos_token_id
@@ -169,35 +114,35 @@ class Scorer:
 
     @classmethod
     def load(cls, settings: ServiceSettings) -> Scorer:
-        """Load model and tokenizer as configured (local path or hub id)."""
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
-        disable_progress_bar()  # a progress bar per load is noise in a service log
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if settings.dtype == "auto" else _DTYPES[settings.dtype]
+        """Load tokenizer and model as configured (local path or hub id)."""
         tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model)
-        model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype)
-        model.to(device).eval()
-        limits = [getattr(model.config.get_text_config(), "max_position_embeddings", None)]
-        if tokenizer.model_max_length and tokenizer.model_max_length < 10**9:
-            limits.append(tokenizer.model_max_length)
-        model_limit = min((x for x in limits if x), default=None)
-        max_length = settings.max_length or model_limit
-        if max_length is None:
-            raise ValueError("cannot infer max_length from the model; set --max-length")
-        if model_limit is not None and max_length > model_limit:
-            raise ValueError(f"max_length {max_length} exceeds the model's limit {model_limit}")
-        return cls(
-            model,
-            tokenizer,
-            model_id=settings.model,
-            weights_hash=weights_hash(model, settings.model),
-            max_length=max_length,
-            truncation_side=settings.truncation_side,
-            score_label=settings.score_label,
-        )
+        pad = tokenizer.pad_token_id
+        runner = start_runner(settings, tokenizer.eos_token_id if pad is None else pad)
+        try:
+            limits = [runner.info.max_positions]
+            if tokenizer.model_max_length and tokenizer.model_max_length < 10**9:
+                limits.append(tokenizer.model_max_length)
+            model_limit = min((x for x in limits if x), default=None)
+            max_length = settings.max_length or model_limit
+            if max_length is None:
+                raise ValueError("cannot infer max_length from the model; set --max-length")
+            if model_limit is not None and max_length > model_limit:
+                raise ValueError(f"max_length {max_length} exceeds the model's limit {model_limit}")
+            return cls(
+                runner,
+                tokenizer,
+                model_id=settings.model,
+                max_length=max_length,
+                truncation_side=settings.truncation_side,
+                score_label=settings.score_label,
+            )
+        except BaseException:
+            runner.close()
+            raise
+
+    def close(self) -> None:
+        """Release the model (stops its process, if it has one)."""
+        self.runner.close()
 
     def label_index(self, label: int | str | None) -> int:
         """Index of a head output given as index or id2label name (None: the default label)."""
@@ -262,14 +207,9 @@ class Scorer:
             truncated[i] = True
         return Encoded(ids=ids, truncated=truncated)
 
-    @torch.inference_mode()
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32, CPU) of one padded batch."""
-        input_ids, attention_mask = pad_right(seqs, self.pad_id)
-        out = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        )
-        return out.logits.float().cpu()
+        return self.runner.forward(seqs)
 
     def warmup(self) -> None:
         """One padded forward, so the first request does not pay one-time setup costs."""

@@ -68,6 +68,11 @@ class ServiceSettings(BaseSettings):
     num_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads (default: torch's choice)."
     )
+    forward_process: bool = Field(
+        default=True,
+        description="Run the model in a child process of its own, so forward passes and the "
+        "HTTP event loop never wait for each other's GIL. Off: in a thread of the server.",
+    )
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
     )

@@ -56,6 +56,7 @@ from bench.bench_load import (
 from common.schemas import ErrorResponse
 from reward_service.app import PUBLIC_ROUTES, create_app
 from reward_service.settings import ServiceSettings
+from tests.support import exited_within
 from trainer.service_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -671,6 +672,38 @@ def test_listening_address_check_sees_other_interfaces() -> None:
         assert _listening_addresses(s.getsockname()[1]) == {"0.0.0.0"}
 
 
+def _model_process(service_pid: int) -> int:
+    """The pid of the service's model process: its child started by multiprocessing's spawn
+    (the other child is multiprocessing's resource tracker)."""
+    tasks = Path(f"/proc/{service_pid}/task")
+    children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    (pid,) = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return pid
+
+
+def test_model_process_death_stops_the_service_and_a_killed_service_takes_it_along(
+    demo_models: Any, tmp_path: Path
+) -> None:
+    """The model runs in a child of the service: if it dies the service exits 1 (a restart
+    policy brings it back), and if the service is SIGKILLed the child does not outlive it."""
+    first = launch(demo_models.reward, tmp_path / "first.log")
+    second = launch(demo_models.reward, tmp_path / "second.log")
+    try:
+        first.wait_ready()
+        second.wait_ready()
+        model_process = _model_process(first.process.pid)
+        os.kill(model_process, signal.SIGKILL)
+        assert first.process.wait(30) == 1
+        assert "the model process exited (exit code -9)" in first.log.read_text()
+        orphan = _model_process(second.process.pid)
+        second.process.kill()
+        second.process.wait(10)
+        assert exited_within(orphan, 30), "the model process outlived its service"
+    finally:
+        first.stop()
+        second.stop()
+
+
 # ----------------------------------------------------------------------------- SIGTERM (last)
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
     services: dict[str, Service], pool: list[dict[str, Any]], expected: list[float]
@@ -680,6 +713,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
     url = service.url
     key = {"X-API-Key": API_KEY}
     batches = [list(range(k, k + 8)) for k in (0, 8, 16)]
+    model_process = 0
 
     async def run() -> tuple[list[httpx.Response], list[str], bool]:
         async with httpx.AsyncClient(base_url=url, timeout=60, headers=key) as http:
@@ -695,6 +729,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
             while _metric(url, "reward_queue_depth") < 16:  # ...and the others wait for it
                 assert time.monotonic() < deadline, "the requests never queued"
                 await asyncio.sleep(0.01)
+            nonlocal model_process
+            model_process = _model_process(service.process.pid)
             service.process.send_signal(signal.SIGTERM)
             refusals: list[str] = []
             deadline = time.monotonic() + 10
@@ -723,6 +759,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled
     log = service.log.read_text()
     assert "Shutting down" in log and "Finished server process" in log
+    assert exited_within(model_process, 10), "the model process outlived its service"
 
 
 def _metric(url: str, name: str) -> float:

@@ -29,6 +29,7 @@ from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
 from reward_service.app import ServiceState, create_app
 from reward_service.metrics import ServiceMetrics
+from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
 from tests.support import exited_within
@@ -295,7 +296,10 @@ def test_truncation_keeps_the_configured_end(
     full = ref.ids(long_text)
     max_length = 12
     assert len(full) > max_length >= len(ref.ids(short_text))
-    settings = ServiceSettings(model=str(reward_path), max_length=max_length, truncation_side=side)
+    # The model in the server process (forward_process off): scores must not change with it.
+    settings = ServiceSettings(
+        model=str(reward_path), max_length=max_length, truncation_side=side, forward_process=False
+    )
     with serve(create_app(settings)) as url:
         wait_ready(url)
         with httpx.Client(base_url=url) as c:
@@ -312,7 +316,9 @@ def test_truncation_keeps_the_configured_end(
 
 
 def test_truncation_error_mode_rejects_naming_the_item(reward_path: Path, texts: list[str]) -> None:
-    settings = ServiceSettings(model=str(reward_path), max_length=12, truncation_side="error")
+    settings = ServiceSettings(
+        model=str(reward_path), max_length=12, truncation_side="error", forward_process=False
+    )
     with serve(create_app(settings)) as url:
         wait_ready(url)
         items = [{"text": texts[1]}, {"text": texts[2]}]
@@ -472,6 +478,21 @@ def test_failed_load_is_reported_by_health_and_ready(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert_error(c.get("/health"), 503, "load_failed", "no-model-here")
         assert_error(c.get("/ready"), 503, "load_failed")
+
+
+def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path: Path) -> None:
+    app = create_app(ServiceSettings(model=str(reward_path)))
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        wait_ready(url)
+        assert c.post("/score", json={"items": [{"text": "a"}]}).status_code == 200
+        runner = app.state.service.scorer.runner
+        assert isinstance(runner, ProcessRunner) and runner.pid is not None
+        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        response = c.post("/score", json={"items": [{"text": "a"}]})
+        assert_error(response, 503, "model_process_exited", "exit code -9", "restart")
+        for path in ("/health", "/ready"):
+            assert_error(c.get(path), 503, "model_process_exited", "exit code -9")
+        assert metric(url, 'reward_errors_total{type="model_process_exited"}') == 3
 
 
 def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Path) -> None:

@@ -1,11 +1,14 @@
 """Parts of the reward service on their own: truncation, padding, batch planning, error
-formatting, settings, the direct dispatch of the scoring routes, and the batcher's queue driving
-the real demo model without HTTP."""
+formatting, settings, the direct dispatch of the scoring routes, the model in its own process,
+and the batcher's queue driving the real demo model without HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +24,8 @@ from reward_service.batcher import Batcher, Draining, QueueFull, plan_batches
 from reward_service.errors import ApiError, format_loc, from_validation_error
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import DirectRoutes
-from reward_service.scorer import Scorer, pad_right, truncate
+from reward_service.runner import LocalRunner, ModelProcessExited, ProcessRunner, pad_right
+from reward_service.scorer import Scorer, truncate
 from reward_service.settings import ServiceSettings
 
 
@@ -141,21 +145,58 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def scorer(request: pytest.FixtureRequest) -> Scorer:
+def reward_path(request: pytest.FixtureRequest) -> Path:
     try:
         demo = request.getfixturevalue("demo_models")
     except pytest.FixtureLookupError:
         demo = ensure_demo_models()
-    return Scorer.load(ServiceSettings(model=str(demo.reward)))
+    return demo.reward
+
+
+@pytest.fixture(scope="module")
+def scorer(reward_path: Path) -> Scorer:
+    """The demo reward model in this process."""
+    return Scorer.load(ServiceSettings(model=str(reward_path), forward_process=False))
 
 
 def test_scorer_forward_builds_no_kv_cache(scorer: Scorer) -> None:
     ids = scorer.encode(["great", "a dull plot"]).ids
     input_ids, attention_mask = pad_right(ids, scorer.pad_id)
+    assert isinstance(scorer.runner, LocalRunner)
     with torch.inference_mode():
-        out = scorer.model(input_ids=input_ids, attention_mask=attention_mask)
+        out = scorer.runner.model(input_ids=input_ids, attention_mask=attention_mask)
     assert out.cache is None
     assert torch.equal(out.logits, scorer.forward(ids))
+
+
+def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
+    scorer: Scorer, reward_path: Path
+) -> None:
+    settings = ServiceSettings(model=str(reward_path))
+    runner = ProcessRunner.start(settings, scorer.pad_id)
+    try:
+        assert runner.info == scorer.runner.info and runner.failure() is None
+        ids = scorer.encode(["the movie was great .", "dull", "an awful , boring plot"]).ids
+        assert torch.equal(runner.forward(ids), scorer.forward(ids))
+        # An error in the child comes back as itself, and the child keeps serving.
+        with pytest.raises(IndexError):
+            runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
+        assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
+        assert runner.pid is not None
+        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        with pytest.raises(ModelProcessExited, match="exit code -9"):
+            runner.forward(ids)
+        assert runner.failure() == "the model process exited (exit code -9)"
+    finally:
+        runner.close()
+
+
+def test_model_process_reraises_its_load_error(tmp_path: Path) -> None:
+    settings = ServiceSettings(model=str(tmp_path / "no-model-here"))
+    started = time.monotonic()
+    with pytest.raises(OSError, match="no-model-here"):
+        ProcessRunner.start(settings, pad_fallback=0)
+    assert time.monotonic() - started < 60
 
 
 def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer: Scorer) -> None:
