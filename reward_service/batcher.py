@@ -67,6 +67,18 @@ def plan_batches(
     return batches
 
 
+def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | None:
+    """Indices of ``pool`` in two batches: the items of the older half of its requests, then
+    the rest (None for a single request: it is answered only when its last item is scored, so
+    splitting it would answer nobody sooner)."""
+    jobs = list(dict.fromkeys(job for job, _ in pool))  # in arrival order
+    if len(jobs) < 2:
+        return None
+    older = set(jobs[: (len(jobs) + 1) // 2])
+    first = [k for k, (job, _) in enumerate(pool) if job in older]
+    return [first, [k for k, (job, _) in enumerate(pool) if job not in older]]
+
+
 @dataclass(eq=False)
 class _Job:
     """One request's items and the future its handler awaits."""
@@ -92,6 +104,14 @@ class Batcher:
     round the worker waits (at most ``max_wait_s``) for the requests it expects: those whose
     answers the previous round sent, since under load their clients send the next one right
     away. A lone client is never delayed: it is expected back only after it has been answered.
+
+    Overlap: when the forward sat idle waiting for clients longer than a forward pass's fixed
+    cost (``forward_overhead_s``), it pays to run smaller batches instead. A round that had to
+    wait and fits in one batch runs as two, each with the items of half its requests, so the
+    first half's clients send their next requests while the second half runs; and later rounds
+    take what is queued at once instead of waiting. The forward and the HTTP work then overlap,
+    as two alternating groups of clients. A model whose fixed cost exceeds the wait (a large
+    model on a GPU) never splits.
     """
 
     def __init__(
@@ -103,6 +123,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue_items: int,
+        forward_overhead_s: float = math.inf,
     ) -> None:
         self._forward = forward
         self._metrics = metrics
@@ -110,6 +131,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
+        self.forward_overhead_s = forward_overhead_s
         self._pool_limit = max_batch_size * _POOL_BATCHES
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
         self._wake = asyncio.Event()
@@ -117,6 +139,7 @@ class Batcher:
         self._items_per_s = 0.0
         self._expected = 1  # items the next round should wait for
         self._round_end = 0.0
+        self._last_wait = 0.0  # seconds the last round that waited for clients spent waiting
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -154,18 +177,25 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        idle = True
         while True:
             if not self._queue:
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+                idle = True
                 continue
-            await self._collect()
+            waited: float | None = None
+            if idle or self.forward_overhead_s >= self._last_wait:
+                waited = self._last_wait = await self._collect()
+            idle = False
             pool = self._take()
             plan = plan_batches(
                 [len(job.seqs[i]) for job, i in pool], self.max_batch_size, self.max_batch_tokens
             )
+            if waited is not None and waited > self.forward_overhead_s and len(plan) == 1:
+                plan = _halves_by_request(pool) or plan  # see the class docstring
             # The whole round goes to the thread at once: it runs the micro-batches back to
             # back instead of idling between two until this task gets the event loop again.
             batches = [[pool[k] for k in indices] for indices in plan]
@@ -178,22 +208,25 @@ class Batcher:
             self._expected = len(self._queue) + returning
             self._round_end = time.perf_counter()
 
-    async def _collect(self) -> None:
+    async def _collect(self) -> float:
         """Wait until the expected items are in, at most max_wait from when the worker became
         free or the oldest item arrived, whichever is later (an item that arrived during the
-        previous round still waits for the clients that round answered)."""
+        previous round still waits for the clients that round answered). Returns the seconds
+        it waited."""
+        start = time.perf_counter()
         deadline = max(self._queue[0][0].enqueued_at, self._round_end) + self.max_wait_s
         target = min(self._pool_limit, self._expected)
         while len(self._queue) < target and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
-                return
+                break
             self._wake.clear()
             try:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
             except TimeoutError:
-                return
+                break
+        return time.perf_counter() - start
 
     def _take(self) -> list[tuple[_Job, int]]:
         """Remove and return the oldest queued items, at most a pool."""

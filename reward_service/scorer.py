@@ -8,6 +8,7 @@ the batcher runs :meth:`Scorer.forward` in a worker thread. The model itself sit
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -215,6 +216,23 @@ class Scorer:
         """One padded forward, so the first request does not pay one-time setup costs."""
         ids = self._tokenize(["a slightly longer warm-up text"], True)[0][: self.max_length]
         self.forward([ids[:2], ids])  # two lengths: the padded path runs too
+
+    def forward_overhead_s(self, n: int = 8, repeats: int = 5) -> float:
+        """Seconds a forward pass costs whatever its size (launches, pipe, Python), estimated
+        from the fastest of ``repeats`` timings of one short item alone, F(1), and ``n`` of them
+        together, F(n): F(1) - (F(n) - F(1)) / (n - 1)."""
+        ids = self._tokenize(["a short text"], True)[0][: self.max_length]
+
+        def fastest(batch: list[list[int]]) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.forward(batch)
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        one, many = fastest([ids]), fastest([ids] * n)
+        return max(0.0, one - (many - one) / (n - 1))
 
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)

@@ -199,6 +199,17 @@ def test_model_process_reraises_its_load_error(tmp_path: Path) -> None:
     assert time.monotonic() - started < 60
 
 
+def test_forward_overhead_is_the_fixed_part_of_a_forward_pass(
+    scorer: Scorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forward(seqs: list[list[int]]) -> torch.Tensor:  # a model costing 20 ms + 2 ms/item
+        time.sleep(0.020 + 0.002 * len(seqs))
+        return torch.zeros(len(seqs), 1)
+
+    monkeypatch.setattr(scorer, "forward", forward)
+    assert scorer.forward_overhead_s() == pytest.approx(0.020, abs=0.005)
+
+
 def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer: Scorer) -> None:
     metrics = ServiceMetrics()
     texts = generate_corpus(30, seed=3)
@@ -267,6 +278,38 @@ def test_batcher_reports_a_failed_forward_to_its_requests_only(scorer: Scorer) -
         await batcher.close(timeout_s=5)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(("overhead_s", "split"), [(0.0, True), (10.0, False)])
+def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
+    scorer: Scorer, overhead_s: float, split: bool
+) -> None:
+    ids = scorer.encode(["the movie was great ."]).ids
+    sizes: list[int] = []
+
+    def forward(seqs: list[list[int]]) -> torch.Tensor:
+        sizes.append(len(seqs))
+        return scorer.forward(seqs)
+
+    async def client(batcher: Batcher, request: list[list[int]]) -> None:
+        for _ in range(3):
+            await batcher.score(request)
+            await asyncio.sleep(0.01)  # the client's own work before its next request
+
+    async def run() -> None:
+        batcher = Batcher(
+            forward, ServiceMetrics(), max_batch_size=64, max_batch_tokens=10_000,
+            max_wait_s=0.5, max_queue_items=100, forward_overhead_s=overhead_s,
+        )  # fmt: skip
+        await asyncio.gather(*(client(batcher, ids) for _ in range(8)))
+        # A lone client's request is never split: that would answer nobody sooner, and the
+        # same requests in the same order keep giving bit-identical scores.
+        await client(batcher, ids * 8)
+        await batcher.close(timeout_s=5)
+
+    asyncio.run(run())
+    # Cheap forwards: each round of 8 clients runs as two halves. Costly ones: whole rounds.
+    assert sizes == ([4, 4] * 3 if split else [8, 8, 8]) + [8, 8, 8]
 
 
 def test_batcher_thread_runs_a_rounds_batches_back_to_back_while_the_loop_is_busy(
