@@ -250,12 +250,21 @@ def mismatches(
 
 
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of a process, in kB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            out[name] = int(value.split()[0])
+    """VmRSS (resident now) and VmHWM (peak resident) in kB, summed over a process and its
+    descendants (the service's model process and multiprocessing's resource tracker)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    pending = [pid]
+    while pending:
+        proc = Path(f"/proc/{pending.pop()}")
+        try:
+            for line in (proc / "status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in out:
+                    out[name] += int(value.split()[0])
+            for task in (proc / "task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # exited meanwhile
+            continue
     return out
 
 
