@@ -52,7 +52,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         415: "Content-Type is not application/json",
         422: "Invalid items (the message names the item index and field)",
         429: "Queue full; see Retry-After",
-        503: "Model loading or service draining",
+        503: "Model loading, service draining, or the model process exited",
     }.items()
 }
 
@@ -206,7 +206,11 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
 
-    @app.get("/health", summary="Liveness: 200 while the process serves (503 if loading failed)")
+    @app.get(
+        "/health",
+        summary="Liveness: 200 while the process serves (503 if loading failed or the model "
+        "process exited)",
+    )
     async def health() -> Response:
         if (failure := state.failure()) is not None:
             raise failure
