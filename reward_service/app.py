@@ -74,7 +74,7 @@ class ServiceState:
         if self.load_error is not None:
             return ApiError(503, "load_failed", self.load_error)
         if self.scorer is not None and (lost := self.scorer.runner.failure()) is not None:
-            return ApiError(503, "model_process_exited", f"{lost}; restart the service")
+            return _model_lost(lost)
         return None
 
 
@@ -139,7 +139,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         except Draining as exc:
             raise ApiError(503, "draining", str(exc)) from None
         except ModelProcessExited as exc:
-            raise ApiError(503, "model_process_exited", f"{exc}; restart the service") from None
+            raise _model_lost(str(exc)) from None
         except Exception:
             raise ApiError(500, "inference_error", "forward pass failed; see the log") from None
         n_truncated = sum(encoded.truncated)
@@ -314,6 +314,10 @@ async def _read_json_body(request: Request, max_bytes: int) -> str:
         raise ApiError(
             400, "invalid_encoding", f"body is not valid UTF-8 (byte {exc.start})"
         ) from None
+
+
+def _model_lost(reason: str) -> ApiError:
+    return ApiError(503, "model_process_exited", f"{reason}; restart the service")
 
 
 def _body_too_large(max_bytes: int) -> ApiError:
