@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.demo_models import ensure_demo_models, generate_corpus  # noqa: E402
-from reward_service.batcher import plan_batches  # noqa: E402
+from reward_service.batcher import ForwardCost, plan_batches  # noqa: E402
 from reward_service.scorer import Scorer  # noqa: E402
 from reward_service.settings import ServiceSettings  # noqa: E402
 
@@ -278,11 +278,17 @@ def p50_ms(fn: Callable[[], object], n: int) -> float:
 
 
 def in_process_items_per_s(
-    scorer: Scorer, texts: Sequence[str], s: ServiceSettings, window: int | None, seconds: float
+    scorer: Scorer,
+    texts: Sequence[str],
+    s: ServiceSettings,
+    cost: ForwardCost,
+    window: int | None,
+    seconds: float,
 ) -> float:
-    """Items/s of tokenize + forward in-process, no HTTP, in micro-batches under the service's
-    limits, passing over the texts again until ``seconds`` have passed (as long as an HTTP
-    run, so that both meet the same machine).
+    """Items/s of tokenize + forward in-process, no HTTP, in micro-batches planned as the
+    service plans them (its limits; ``cost``, the in-process forward's fitted cost), passing
+    over the texts again until ``seconds`` have passed (as long as an HTTP run, so that both
+    meet the same machine).
 
     ``window``: the texts are taken in order, ``window`` at a time (what is in flight when all
     clients wait, i.e. all that the service could ever batch together), and each window is
@@ -296,7 +302,8 @@ def in_process_items_per_s(
         for start in range(0, len(texts), step):
             ids = scorer.encode(texts[start : start + step]).ids
             lengths = [len(x) for x in ids]
-            for batch in plan_batches(lengths, s.max_batch_size, s.max_batch_tokens):
+            plan = plan_batches(lengths, s.max_batch_size, s.max_batch_tokens, cost.fixed_tokens)
+            for batch in plan:
                 scorer.forward([ids[i] for i in batch])
             done += len(ids)
         elapsed = time.perf_counter() - start_t
@@ -347,6 +354,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
         forward_process=False,  # (a) is the model in this process; the service has its own
     )
     scorer = Scorer.load(settings)
+    scorer.warmup()
+    cost = scorer.forward_cost()  # what the service measures at its warm-up, in-process
     probe = texts[0]
     params = n_params(path)
 
@@ -365,13 +374,15 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
         for per_request in args.per_request:
             window = args.clients * per_request
             rounds = _throughput_rounds(
-                scorer, settings, texts, per_request, window, service_port, naive_port, args
+                scorer, settings, cost, texts, per_request, window, service_port, naive_port, args
             )
             med = statistics.median
             rows.append(
                 {
                     "model": name,
                     "params": params,
+                    "inproc_forward_fixed_ms": cost.fixed_s * 1e3,
+                    "inproc_forward_per_token_us": cost.per_token_s * 1e6,
                     "items": len(texts),
                     "per_request": per_request,
                     "inproc_items_per_s": med(rounds["a"]),
@@ -416,6 +427,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
 def _throughput_rounds(
     scorer: Scorer,
     settings: ServiceSettings,
+    cost: ForwardCost,
     texts: list[str],
     per_request: int,
     window: int,
@@ -423,12 +435,13 @@ def _throughput_rounds(
     naive_port: int,
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
-    in_process_items_per_s(scorer, texts[: window * 2], settings, window, 0)  # warm-up
+    in_process_items_per_s(scorer, texts[: window * 2], settings, cost, window, 0)  # warm-up
     rounds: dict[str, list[float]] = {k: [] for k in ("a", "a_global", "b", "c", "batch")}
     for _ in range(args.repeats):
-        rounds["a"].append(in_process_items_per_s(scorer, texts, settings, window, args.seconds))
+        a = in_process_items_per_s(scorer, texts, settings, cost, window, args.seconds)
+        rounds["a"].append(a)
         rounds["a_global"].append(
-            in_process_items_per_s(scorer, texts, settings, None, args.seconds)
+            in_process_items_per_s(scorer, texts, settings, cost, None, args.seconds)
         )
         service, mean_batch = http_items_per_s(service_port, texts, per_request, args)
         rounds["b"].append(service)

@@ -262,7 +262,7 @@ async def _load(state: ServiceState, loader: Loader) -> None:
     try:
         scorer = await asyncio.to_thread(loader, settings)
         await asyncio.to_thread(scorer.warmup)
-        overhead_s = await asyncio.to_thread(scorer.forward_overhead_s)
+        cost = await asyncio.to_thread(scorer.forward_cost)
     except Exception as exc:
         state.load_error = f"loading {settings.model!r} failed: {type(exc).__name__}: {exc}"
         logger.error("%s", state.load_error)
@@ -277,15 +277,15 @@ async def _load(state: ServiceState, loader: Loader) -> None:
         max_batch_tokens=settings.max_batch_tokens,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_items=settings.max_queue_items,
-        forward_overhead_s=overhead_s,
+        forward_cost=cost,
     )
     state.ready = True
     logger.info(
         "ready: model %s (weights %s, %s on %s, %d labels, max_length %d, %s, "
-        "forward overhead %.2f ms)",
+        "forward pass %.2f ms + %.2f us/token)",
         scorer.model_id, scorer.weights_hash, scorer.dtype, scorer.device, scorer.num_labels,
         scorer.max_length, "own process" if settings.forward_process else "in-process",
-        overhead_s * 1000,
+        cost.fixed_s * 1e3, cost.per_token_s * 1e6,
     )  # fmt: skip
 
 

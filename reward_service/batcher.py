@@ -28,6 +28,19 @@ logger = logging.getLogger(__name__)
 _POOL_BATCHES = 4
 
 
+@dataclass(frozen=True)
+class ForwardCost:
+    """A forward pass's cost, as fitted: ``fixed_s`` + ``per_token_s`` x padded tokens."""
+
+    fixed_s: float
+    per_token_s: float
+
+    @property
+    def fixed_tokens(self) -> float:
+        """The fixed cost in padded tokens' worth of compute (infinite if tokens are free)."""
+        return self.fixed_s / self.per_token_s if self.per_token_s > 0 else math.inf
+
+
 class QueueFull(Exception):
     """The queue cannot take the request now; retry after ``retry_after_s`` seconds."""
 
@@ -41,17 +54,52 @@ class Draining(Exception):
 
 
 def plan_batches(
-    lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int
+    lengths: Sequence[int],
+    max_batch_size: int,
+    max_batch_tokens: int,
+    overhead_tokens: float = math.inf,
 ) -> list[list[int]]:
     """Indices of ``lengths`` grouped into micro-batches, shortest first.
 
     Sorting by length keeps padding low; each batch has at most ``max_batch_size`` items (sizes
     evened out) and at most ``max_batch_tokens`` padded tokens (items x longest), except that an
     item longer than the token budget still gets a batch of its own.
+
+    How many batches: with ``overhead_tokens`` infinite, the fewest the limits allow. Otherwise
+    ``overhead_tokens`` is a forward pass's fixed cost in padded tokens' worth of compute, and
+    the plan minimises batches x overhead_tokens + padded tokens: more, smaller batches pad
+    less, since short items no longer pad to the longest of a big batch.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    fewest = math.ceil(n / max_batch_size)
     # Even sizes (100 items, max 64: 50 + 50, not 64 + 36), so no batch is needlessly small.
-    size = math.ceil(len(order) / max(1, math.ceil(len(order) / max_batch_size)))
+    best = _fill(order, lengths, math.ceil(n / max(1, fewest)), max_batch_tokens)
+    if math.isinf(overhead_tokens):
+        return best
+    best_cost = _cost(best, lengths, overhead_tokens)
+    real_tokens = sum(lengths)
+    tried = {math.ceil(n / max(1, fewest))}
+    for count in range(fewest + 1, n + 1):
+        size = math.ceil(n / count)
+        if size in tried:
+            continue
+        tried.add(size)
+        # No plan of batches this small or smaller can cost less: stop.
+        if math.ceil(n / size) * overhead_tokens + real_tokens >= best_cost:
+            break
+        plan = _fill(order, lengths, size, max_batch_tokens)
+        cost = _cost(plan, lengths, overhead_tokens)
+        if cost < best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+def _fill(
+    order: Sequence[int], lengths: Sequence[int], size: int, max_batch_tokens: int
+) -> list[list[int]]:
+    """``order`` (ascending lengths) cut into batches of at most ``size`` items and
+    ``max_batch_tokens`` padded tokens."""
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
@@ -65,6 +113,11 @@ def plan_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def _cost(plan: list[list[int]], lengths: Sequence[int], overhead_tokens: float) -> float:
+    """Estimated cost of ``plan`` in tokens: fixed costs plus padded tokens."""
+    return sum(overhead_tokens + len(batch) * lengths[batch[-1]] for batch in plan)
 
 
 def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | None:
@@ -99,19 +152,21 @@ class Batcher:
     """Queue + worker. Create and use it inside the running event loop.
 
     Each round takes the oldest queued items (at most a few batches: the pool), sorts them by
-    length, splits them into even micro-batches (:func:`plan_batches`) and has the thread run
-    them one after another; a request is answered as soon as its last item is scored. Before a
+    length, splits them into micro-batches (:func:`plan_batches`) and has the thread run them
+    one after another; a request is answered as soon as its last item is scored. Before a
     round the worker waits (at most ``max_wait_s``) for the requests it expects: those whose
     answers the previous round sent, since under load their clients send the next one right
     away. A lone client is never delayed: it is expected back only after it has been answered.
 
-    Overlap: when the forward sat idle waiting for clients longer than a forward pass's fixed
-    cost (``forward_overhead_s``), it pays to run smaller batches instead. A round that had to
-    wait and fits in one batch runs as two, each with the items of half its requests, so the
-    first half's clients send their next requests while the second half runs; and later rounds
-    take what is queued at once instead of waiting. The forward and the HTTP work then overlap,
-    as two alternating groups of clients. A model whose fixed cost exceeds the wait (a large
-    model on a GPU) never splits.
+    ``forward_cost`` (measured at warm-up) decides two things. How many micro-batches: as many
+    as minimise fixed costs plus padded tokens, so short items stop padding to the longest of
+    a big batch. And overlap: when the forward sat idle waiting for clients longer than a
+    forward pass's fixed cost, it pays to run smaller batches instead. A round that had to wait
+    and fits in one batch runs as two, each with the items of half its requests, so the first
+    half's clients send their next requests while the second half runs; and later rounds take
+    what is queued at once instead of waiting. The forward and the HTTP work then overlap, as
+    two alternating groups of clients. A model whose fixed cost exceeds the wait (a large model
+    on a GPU) never splits for overlap. Without ``forward_cost``: the fewest batches, no split.
     """
 
     def __init__(
@@ -123,7 +178,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue_items: int,
-        forward_overhead_s: float = math.inf,
+        forward_cost: ForwardCost | None = None,
     ) -> None:
         self._forward = forward
         self._metrics = metrics
@@ -131,7 +186,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
-        self.forward_overhead_s = forward_overhead_s
+        self.forward_cost = forward_cost or ForwardCost(math.inf, 0.0)
         self._pool_limit = max_batch_size * _POOL_BATCHES
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
         self._wake = asyncio.Event()
@@ -187,14 +242,18 @@ class Batcher:
                 idle = True
                 continue
             waited: float | None = None
-            if idle or self.forward_overhead_s >= self._last_wait:
+            fixed_s = self.forward_cost.fixed_s
+            if idle or fixed_s >= self._last_wait:
                 waited = self._last_wait = await self._collect()
             idle = False
             pool = self._take()
             plan = plan_batches(
-                [len(job.seqs[i]) for job, i in pool], self.max_batch_size, self.max_batch_tokens
+                [len(job.seqs[i]) for job, i in pool],
+                self.max_batch_size,
+                self.max_batch_tokens,
+                self.forward_cost.fixed_tokens,
             )
-            if waited is not None and waited > self.forward_overhead_s and len(plan) == 1:
+            if waited is not None and waited > fixed_s and len(plan) == 1:
                 plan = _halves_by_request(pool) or plan  # see the class docstring
             # The whole round goes to the thread at once: it runs the micro-batches back to
             # back instead of idling between two until this task gets the event loop again.

@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
+from reward_service.batcher import ForwardCost
 from reward_service.runner import Runner, start_runner
 from reward_service.settings import ServiceSettings
 
@@ -217,11 +218,13 @@ class Scorer:
         ids = self._tokenize(["a slightly longer warm-up text"], True)[0][: self.max_length]
         self.forward([ids[:2], ids])  # two lengths: the padded path runs too
 
-    def forward_overhead_s(self, n: int = 8, repeats: int = 5) -> float:
-        """Seconds a forward pass costs whatever its size (launches, pipe, Python), estimated
-        from the fastest of ``repeats`` timings of one short item alone, F(1), and ``n`` of them
-        together, F(n): F(1) - (F(n) - F(1)) / (n - 1)."""
-        ids = self._tokenize(["a short text"], True)[0][: self.max_length]
+    def forward_cost(self, n: int = 8, length: int = 32, repeats: int = 5) -> ForwardCost:
+        """What a forward pass costs, fitted as fixed + per padded token through the fastest of
+        ``repeats`` timings of two batches: one short item, and ``n`` items of ``length`` ids.
+        The fixed part (launches, the pipe, Python) is what a batch costs whatever its size."""
+        short = self._tokenize(["a short text"], True)[0][: self.max_length]
+        long = self._tokenize(["a text of many words " * length], True)[0][: self.max_length]
+        long = long[:length]
 
         def fastest(batch: list[list[int]]) -> float:
             times = []
@@ -231,8 +234,11 @@ class Scorer:
                 times.append(time.perf_counter() - start)
             return min(times)
 
-        one, many = fastest([ids]), fastest([ids] * n)
-        return max(0.0, one - (many - one) / (n - 1))
+        small, big = [short], [long] * n
+        small_s, big_s = fastest(small), fastest(big)
+        extra_tokens = len(big) * len(long) - len(short)
+        per_token_s = max(0.0, (big_s - small_s) / extra_tokens) if extra_tokens > 0 else 0.0
+        return ForwardCost(max(0.0, small_s - per_token_s * len(short)), per_token_s)
 
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)

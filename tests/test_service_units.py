@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ScoreRequest
-from reward_service.batcher import Batcher, Draining, QueueFull, plan_batches
+from reward_service.batcher import Batcher, Draining, ForwardCost, QueueFull, plan_batches
 from reward_service.errors import ApiError, format_loc, from_validation_error
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import DirectRoutes
@@ -73,6 +73,33 @@ def test_plan_batches_sorts_by_length_and_respects_limits() -> None:
 def test_plan_batches_evens_out_sizes() -> None:
     sizes = [len(b) for b in plan_batches([10] * 100, max_batch_size=64, max_batch_tokens=10**6)]
     assert sizes == [50, 50]
+
+
+def padded_tokens(plan: list[list[int]], lengths: list[int]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in plan)
+
+
+def test_plan_batches_weighs_a_forward_passs_fixed_cost_against_padding() -> None:
+    lengths = [50, 2] * 8
+    # Tokens free: the fewest batches. A fixed cost of 10 tokens: the short items apart.
+    assert [len(b) for b in plan_batches(lengths, 64, 10**6)] == [16]
+    plan = plan_batches(lengths, 64, 10**6, overhead_tokens=10)
+    assert [sorted({lengths[i] for i in b}) for b in plan] == [[2], [50]]
+    assert 2 * 10 + padded_tokens(plan, lengths) < 10 + 16 * 50
+    # A fixed cost above what splitting saves (8 x 48 padded tokens): one batch.
+    assert len(plan_batches(lengths, 64, 10**6, overhead_tokens=400)) == 1
+    # Nothing to save (equal lengths): the fewest batches even when forwards cost nothing.
+    assert [len(b) for b in plan_batches([10] * 100, 64, 10**6, overhead_tokens=0)] == [50, 50]
+    # The limits still hold.
+    mixed = [(7 * i) % 61 + 1 for i in range(200)]
+    plan = plan_batches(mixed, 64, 1000, overhead_tokens=30)
+    assert sorted(i for b in plan for i in b) == list(range(200))
+    assert all(len(b) <= 64 and len(b) * max(mixed[i] for i in b) <= 1000 for b in plan)
+    # It costs less, by its own measure, than the fewest batches do.
+    fewest = plan_batches(mixed, 64, 1000)
+    assert 30 * len(plan) + padded_tokens(plan, mixed) < 30 * len(fewest) + padded_tokens(
+        fewest, mixed
+    )
 
 
 def test_format_loc_and_validation_messages() -> None:
@@ -199,15 +226,46 @@ def test_model_process_reraises_its_load_error(tmp_path: Path) -> None:
     assert time.monotonic() - started < 60
 
 
-def test_forward_overhead_is_the_fixed_part_of_a_forward_pass(
+def test_forward_cost_fits_the_fixed_and_per_token_parts_of_a_forward_pass(
     scorer: Scorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def forward(seqs: list[list[int]]) -> torch.Tensor:  # a model costing 20 ms + 2 ms/item
-        time.sleep(0.020 + 0.002 * len(seqs))
+    def forward(seqs: list[list[int]]) -> torch.Tensor:  # 20 ms + 0.1 ms per padded token
+        time.sleep(0.020 + 0.0001 * len(seqs) * max(len(s) for s in seqs))
         return torch.zeros(len(seqs), 1)
 
     monkeypatch.setattr(scorer, "forward", forward)
-    assert scorer.forward_overhead_s() == pytest.approx(0.020, abs=0.005)
+    cost = scorer.forward_cost()
+    assert cost.fixed_s == pytest.approx(0.020, abs=0.005)
+    assert cost.per_token_s == pytest.approx(0.0001, rel=0.3)
+    assert cost.fixed_tokens == pytest.approx(200, rel=0.5)
+
+
+def test_batcher_plans_batches_by_the_forward_cost(scorer: Scorer) -> None:
+    short, long = scorer.encode(["good", " ".join(generate_corpus(6, seed=5))]).ids
+    request = [short, long] * 4
+    sizes: list[int] = []
+
+    def forward(seqs: list[list[int]]) -> torch.Tensor:
+        sizes.append(len(seqs))
+        return scorer.forward(seqs)
+
+    async def run(cost: ForwardCost | None) -> list[list[float]]:
+        batcher = Batcher(
+            forward, ServiceMetrics(), max_batch_size=64, max_batch_tokens=10_000,
+            max_wait_s=0.0, max_queue_items=100, forward_cost=cost,
+        )  # fmt: skip
+        rows = await batcher.score(request)
+        await batcher.close(timeout_s=5)
+        return rows
+
+    # A forward pass that costs little next to its tokens: the short items run apart.
+    split = asyncio.run(run(ForwardCost(fixed_s=1e-6, per_token_s=1e-3)))
+    assert sizes == [4, 4]
+    whole = asyncio.run(run(None))  # no cost known: the fewest batches
+    assert sizes == [4, 4, 8]
+    for seq, a, b in zip(request, split, whole, strict=True):
+        alone = scorer.forward([seq])[0].tolist()
+        assert a == pytest.approx(alone, abs=1e-5) and b == pytest.approx(alone, abs=1e-5)
 
 
 def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer: Scorer) -> None:
@@ -280,9 +338,9 @@ def test_batcher_reports_a_failed_forward_to_its_requests_only(scorer: Scorer) -
     asyncio.run(run())
 
 
-@pytest.mark.parametrize(("overhead_s", "split"), [(0.0, True), (10.0, False)])
+@pytest.mark.parametrize(("fixed_s", "split"), [(0.0, True), (10.0, False)])
 def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
-    scorer: Scorer, overhead_s: float, split: bool
+    scorer: Scorer, fixed_s: float, split: bool
 ) -> None:
     ids = scorer.encode(["the movie was great ."]).ids
     sizes: list[int] = []
@@ -299,7 +357,8 @@ def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
     async def run() -> None:
         batcher = Batcher(
             forward, ServiceMetrics(), max_batch_size=64, max_batch_tokens=10_000,
-            max_wait_s=0.5, max_queue_items=100, forward_overhead_s=overhead_s,
+            max_wait_s=0.5, max_queue_items=100,
+            forward_cost=ForwardCost(fixed_s=fixed_s, per_token_s=0.0),
         )  # fmt: skip
         await asyncio.gather(*(client(batcher, ids) for _ in range(8)))
         # A lone client's request is never split: that would answer nobody sooner, and the
