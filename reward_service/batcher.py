@@ -67,32 +67,53 @@ def plan_batches(
 
     How many batches: with ``overhead_tokens`` infinite, the fewest the limits allow. Otherwise
     ``overhead_tokens`` is a forward pass's fixed cost in padded tokens' worth of compute, and
-    the plan minimises batches x overhead_tokens + padded tokens: more, smaller batches pad
-    less, since short items no longer pad to the longest of a big batch.
+    the number of even batches is the one whose plan costs least, batches x overhead_tokens +
+    padded tokens: more, smaller batches pad less, since short items no longer pad to the
+    longest of a big batch.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     n = len(order)
-    fewest = math.ceil(n / max_batch_size)
     # Even sizes (100 items, max 64: 50 + 50, not 64 + 36), so no batch is needlessly small.
-    best = _fill(order, lengths, math.ceil(n / max(1, fewest)), max_batch_tokens)
-    if math.isinf(overhead_tokens):
-        return best
-    best_cost = _cost(best, lengths, overhead_tokens)
-    real_tokens = sum(lengths)
-    tried = {math.ceil(n / max(1, fewest))}
-    for count in range(fewest + 1, n + 1):
-        size = math.ceil(n / count)
-        if size in tried:
-            continue
-        tried.add(size)
-        # No plan of batches this small or smaller can cost less: stop.
-        if math.ceil(n / size) * overhead_tokens + real_tokens >= best_cost:
-            break
-        plan = _fill(order, lengths, size, max_batch_tokens)
-        cost = _cost(plan, lengths, overhead_tokens)
-        if cost < best_cost:
-            best, best_cost = plan, cost
-    return best
+    fewest = math.ceil(n / max_batch_size)
+    size = math.ceil(n / max(1, fewest))
+    if not math.isinf(overhead_tokens) and n:
+        ascending = [lengths[i] for i in order]
+        best_cost = _cost(ascending, size, max_batch_tokens, overhead_tokens)
+        real_tokens = sum(ascending)
+        for count in range(fewest + 1, n + 1):
+            candidate = math.ceil(n / count)  # count even batches
+            if candidate * (count - 1) >= n:
+                continue  # that size makes fewer batches: tried already
+            # This many batches or more cannot cost less: stop.
+            if count * overhead_tokens + real_tokens >= best_cost:
+                break
+            cost = _cost(ascending, candidate, max_batch_tokens, overhead_tokens)
+            if cost < best_cost:
+                size, best_cost = candidate, cost
+    return _fill(order, lengths, size, max_batch_tokens)
+
+
+def _cost(ascending: Sequence[int], size: int, max_batch_tokens: int, overhead: float) -> float:
+    """Estimated cost in tokens (fixed costs plus padded tokens) of :func:`_fill`'s plan with
+    batches of at most ``size`` items, over lengths in ascending order."""
+    cost = 0.0
+    start, n = 0, len(ascending)
+    while start < n:
+        end = min(start + size, n)
+        if (end - start) * ascending[end - 1] > max_batch_tokens:
+            # The token budget ends the batch sooner: the largest end within it (at least one
+            # item), found by bisection since the padded size grows with the end.
+            low, high = start + 1, end - 1
+            while low < high:
+                mid = (low + high + 1) // 2
+                if (mid - start) * ascending[mid - 1] <= max_batch_tokens:
+                    low = mid
+                else:
+                    high = mid - 1
+            end = low
+        cost += overhead + (end - start) * ascending[end - 1]
+        start = end
+    return cost
 
 
 def _fill(
@@ -113,11 +134,6 @@ def _fill(
     if current:
         batches.append(current)
     return batches
-
-
-def _cost(plan: list[list[int]], lengths: Sequence[int], overhead_tokens: float) -> float:
-    """Estimated cost of ``plan`` in tokens: fixed costs plus padded tokens."""
-    return sum(overhead_tokens + len(batch) * lengths[batch[-1]] for batch in plan)
 
 
 def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | None:

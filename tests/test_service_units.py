@@ -5,7 +5,9 @@ and the batcher's queue driving the real demo model without HTTP."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -20,7 +22,14 @@ from starlette.types import Receive, Scope, Send
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ScoreRequest
-from reward_service.batcher import Batcher, Draining, ForwardCost, QueueFull, plan_batches
+from reward_service.batcher import (
+    Batcher,
+    Draining,
+    ForwardCost,
+    QueueFull,
+    _fill,
+    plan_batches,
+)
 from reward_service.errors import ApiError, format_loc, from_validation_error
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import DirectRoutes
@@ -100,6 +109,24 @@ def test_plan_batches_weighs_a_forward_passs_fixed_cost_against_padding() -> Non
     assert 30 * len(plan) + padded_tokens(plan, mixed) < 30 * len(fewest) + padded_tokens(
         fewest, mixed
     )
+
+
+def test_plan_batches_picks_the_number_of_even_batches_whose_plan_costs_least() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 80) for _ in range(rng.randint(1, 200))]
+        max_size, max_tokens = rng.choice([4, 16, 64]), rng.choice([100, 1000, 10**6])
+        overhead = rng.choice([0.5, 5, 50, 500])
+        plan = plan_batches(lengths, max_size, max_tokens, overhead)
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        n = len(lengths)
+        sizes = {math.ceil(n / count) for count in range(math.ceil(n / max_size), n + 1)}
+        cheapest = min(
+            overhead * len(p) + padded_tokens(p, lengths)
+            for p in (_fill(order, lengths, size, max_tokens) for size in sizes)
+        )
+        assert overhead * len(plan) + padded_tokens(plan, lengths) == pytest.approx(cheapest)
 
 
 def test_format_loc_and_validation_messages() -> None:
