@@ -223,8 +223,8 @@ class Scorer:
         ``repeats`` timings of two batches: one short item, and ``n`` items of ``length`` ids.
         The fixed part (launches, the pipe, Python) is what a batch costs whatever its size."""
         short = self._tokenize(["a short text"], True)[0][: self.max_length]
-        long = self._tokenize(["a text of many words " * length], True)[0][: self.max_length]
-        long = long[:length]
+        long = self._tokenize(["a text of many words " * length], True)[0]
+        long = long[: min(length, self.max_length)]
 
         def fastest(batch: list[list[int]]) -> float:
             times = []
