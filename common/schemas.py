@@ -119,6 +119,15 @@ class InfoResponse(BaseModel):
     max_batch_tokens: int
     max_items_per_request: int
     has_chat_template: bool
+    # Optional, so that a client also reads /info from a service older than these fields.
+    forward_fixed_ms: float | None = Field(
+        default=None,
+        description="A forward pass's fixed cost, fitted at warm-up (with forward_per_token_us, "
+        "it decides how many micro-batches a round of queued items becomes).",
+    )
+    forward_per_token_us: float | None = Field(
+        default=None, description="A forward pass's cost per padded token, fitted at warm-up."
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -228,7 +228,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
 
     @app.get("/info", response_model=InfoResponse, responses=_ERRORS, summary="Served model")
     async def info() -> Response:
-        scorer, _ = serving()
+        scorer, batcher = serving()
         return _json(
             InfoResponse(
                 model_id=scorer.model_id,
@@ -244,6 +244,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
                 max_batch_tokens=settings.max_batch_tokens,
                 max_items_per_request=settings.max_items_per_request,
                 has_chat_template=scorer.has_chat_template,
+                forward_fixed_ms=batcher.forward_cost.fixed_s * 1e3,
+                forward_per_token_us=batcher.forward_cost.per_token_s * 1e6,
             ).model_dump(mode="json")
         )
 
