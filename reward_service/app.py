@@ -280,6 +280,7 @@ async def _load(state: ServiceState, loader: Loader) -> None:
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_items=settings.max_queue_items,
         forward_cost=cost,
+        forward_each=scorer.forward_each,
     )
     state.ready = True
     logger.info(

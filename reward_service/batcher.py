@@ -17,10 +17,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from reward_service.metrics import ServiceMetrics
+from reward_service.runner import Deliver, one_by_one
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +150,22 @@ def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | No
     return [first, [k for k, (job, _) in enumerate(pool) if job not in older]]
 
 
+# Runs a round's batches in order, delivering each one's logits or error (Runner.forward_each).
+ForwardEach = Callable[[list[list[list[int]]], Deliver], None]
+
+
+def _settle(
+    future: asyncio.Future[tuple[list[list[float]], float]],
+    outcome: tuple[list[list[float]], float] | Exception,
+) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 @dataclass(eq=False)
 class _Job:
     """One request's items and the future its handler awaits."""
@@ -169,10 +187,12 @@ class Batcher:
 
     Each round takes the oldest queued items (at most a few batches: the pool), sorts them by
     length, splits them into micro-batches (:func:`plan_batches`) and has the thread run them
-    one after another; a request is answered as soon as its last item is scored. Before a
-    round the worker waits (at most ``max_wait_s``) for the requests it expects: those whose
-    answers the previous round sent, since under load their clients send the next one right
-    away. A lone client is never delayed: it is expected back only after it has been answered.
+    one after another (``forward_each``: the model process gets them all at once, so it never
+    waits for this process between two; default: ``forward`` on each in turn); a request is
+    answered as soon as its last item is scored. Before a round the worker waits (at most
+    ``max_wait_s``) for the requests it expects: those whose answers the previous round sent,
+    since under load their clients send the next one right away. A lone client is never
+    delayed: it is expected back only after it has been answered.
 
     ``forward_cost`` (measured at warm-up) decides two things. How many micro-batches: as many
     as minimise fixed costs plus padded tokens, so short items stop padding to the longest of
@@ -195,8 +215,9 @@ class Batcher:
         max_wait_s: float,
         max_queue_items: int,
         forward_cost: ForwardCost | None = None,
+        forward_each: ForwardEach | None = None,
     ) -> None:
-        self._forward = forward
+        self._forward_each = forward_each or partial(one_by_one, forward)
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -274,9 +295,8 @@ class Batcher:
             # The whole round goes to the thread at once: it runs the micro-batches back to
             # back instead of idling between two until this task gets the event loop again.
             batches = [[pool[k] for k in indices] for indices in plan]
-            submitted = [
-                loop.run_in_executor(self._executor, self._timed_forward, b) for b in batches
-            ]
+            submitted = [loop.create_future() for _ in batches]
+            loop.run_in_executor(self._executor, self._run_round, loop, batches, submitted)
             returning = 0
             for batch, scored in zip(batches, submitted, strict=True):
                 returning += await self._finish(batch, scored)
@@ -318,11 +338,29 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         return pool
 
-    def _timed_forward(self, batch: list[tuple[_Job, int]]) -> tuple[list[list[float]], float]:
-        """In the thread: one micro-batch's rows and the seconds its forward pass took."""
-        start = time.perf_counter()
-        rows = self._forward([job.seqs[i] for job, i in batch]).tolist()
-        return rows, time.perf_counter() - start
+    def _run_round(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batches: list[list[tuple[_Job, int]]],
+        futures: list[asyncio.Future[tuple[list[list[float]], float]]],
+    ) -> None:
+        """In the thread: run a round's batches, settling each one's future with its rows and
+        the seconds since the previous one was scored (its forward pass, when back to back)."""
+        last = time.perf_counter()
+        settled = 0
+
+        def deliver(k: int, result: torch.Tensor | Exception) -> None:
+            nonlocal last, settled
+            now = time.perf_counter()
+            outcome = result if isinstance(result, Exception) else (result.tolist(), now - last)
+            last, settled = now, k + 1
+            loop.call_soon_threadsafe(_settle, futures[k], outcome)
+
+        try:
+            self._forward_each([[job.seqs[i] for job, i in b] for b in batches], deliver)
+        except Exception as exc:  # the model is gone: every batch not yet scored fails
+            for future in futures[settled:]:
+                loop.call_soon_threadsafe(_settle, future, exc)
 
     async def _finish(
         self, batch: list[tuple[_Job, int]], scored: Awaitable[tuple[list[list[float]], float]]

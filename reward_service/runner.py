@@ -14,7 +14,7 @@ import multiprocessing as mp
 import pickle
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,6 +45,15 @@ class ModelInfo:
     max_positions: int | None
 
 
+# Called with a batch's index in a round and its head logits, or the error its forward raised.
+Deliver = Callable[[int, "torch.Tensor | Exception"], None]
+
+# A round's batches all go down the pipe before the first result is read (so the model process
+# never waits for the server between two) when each result is at most this many floats: results
+# then fit in the pipe's buffer, and neither side can block on a full pipe while the other does.
+_AHEAD_MAX_FLOATS = 4096
+
+
 class Runner(Protocol):
     """A loaded model that scores padded batches of token ids."""
 
@@ -55,6 +64,11 @@ class Runner(Protocol):
         ...
 
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor: ...
+
+    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
+        """Run ``batches`` in order, calling ``deliver(k, logits)`` as each one is scored, or
+        ``deliver(k, error)`` with what its forward raised; ModelProcessExited is raised."""
+        ...
 
     def close(self) -> None: ...
 
@@ -72,6 +86,22 @@ def start_runner(settings: ServiceSettings, pad_fallback: int | None) -> Runner:
     if settings.forward_process:
         return ProcessRunner.start(settings, pad_fallback)
     return LocalRunner.load(settings, pad_fallback)
+
+
+def one_by_one(
+    forward: Callable[[Sequence[list[int]]], torch.Tensor],
+    batches: Sequence[Sequence[list[int]]],
+    deliver: Deliver,
+) -> None:
+    """:meth:`Runner.forward_each` from a plain forward: each batch in turn, and an error in
+    one batch delivered as that batch's result."""
+    for k, seqs in enumerate(batches):
+        try:
+            logits = forward(seqs)
+        except Exception as exc:
+            deliver(k, exc)
+        else:
+            deliver(k, logits)
 
 
 def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +199,9 @@ class LocalRunner:
         out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         return out.logits.float().cpu()
 
+    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
+        one_by_one(self.forward, batches, deliver)
+
     def close(self) -> None:
         """Nothing to release: the model goes with this object."""
 
@@ -219,13 +252,38 @@ class ProcessRunner:
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32), computed in the child."""
         with self._lock:
-            try:
-                self._conn.send(seqs)
-            except OSError as exc:  # a broken pipe: the child is gone
-                self._process.join(1.0)
-                raise ModelProcessExited(self._process.exitcode) from exc
-            rows = _receive(self._conn, self._process)
-        return torch.tensor(rows, dtype=torch.float32)
+            self._send(seqs)
+            return self._logits()
+
+    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
+        """Like :meth:`forward` for each batch, but all batches are sent before the first result
+        is read when results are small, so the child runs them back to back."""
+        ahead = all(len(b) * self.info.num_labels <= _AHEAD_MAX_FLOATS for b in batches)
+        window = len(batches) if ahead else 1
+        with self._lock:
+            sent = 0
+            for k in range(len(batches)):
+                while sent < len(batches) and sent - k < window:
+                    self._send(batches[sent])
+                    sent += 1
+                try:
+                    logits = self._logits()
+                except ModelProcessExited:
+                    raise
+                except Exception as exc:  # the child's error for this batch; it goes on
+                    deliver(k, exc)
+                else:
+                    deliver(k, logits)
+
+    def _send(self, seqs: Sequence[list[int]]) -> None:
+        try:
+            self._conn.send(seqs)
+        except OSError as exc:  # a broken pipe: the child is gone
+            self._process.join(1.0)
+            raise ModelProcessExited(self._process.exitcode) from exc
+
+    def _logits(self) -> torch.Tensor:
+        return torch.tensor(_receive(self._conn, self._process), dtype=torch.float32)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close the pipe (the child exits when it sees that) and wait for the child."""

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
 from reward_service.batcher import ForwardCost
-from reward_service.runner import Runner, start_runner
+from reward_service.runner import Deliver, Runner, start_runner
 from reward_service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,11 @@ class Scorer:
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32, CPU) of one padded batch."""
         return self.runner.forward(seqs)
+
+    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
+        """Run a round's batches in order, delivering each one's logits (or its error) as it is
+        scored; the model process gets them all at once (:meth:`Runner.forward_each`)."""
+        self.runner.forward_each(batches, deliver)
 
     def warmup(self) -> None:
         """One padded forward, so the first request does not pay one-time setup costs."""

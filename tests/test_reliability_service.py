@@ -66,20 +66,20 @@ MAX_BODY = 1_000_000
 MAX_ITEMS = 64
 
 # The service's own CLI. Fault injection: while the file SLOW_FORWARD_FILE holds a number, each
-# forward pass first sleeps that many seconds (a slow model).
+# round of forward passes first sleeps that many seconds per pass (a slow model).
 _LAUNCHER = """
 import os, sys, time
 from reward_service.scorer import Scorer
 flag = os.environ.get("SLOW_FORWARD_FILE")
 if flag:
-    forward = Scorer.forward
-    def slow_forward(self, seqs):
+    forward_each = Scorer.forward_each
+    def slow_forward_each(self, batches, deliver):
         try:
-            time.sleep(float(open(flag).read()))
+            time.sleep(float(open(flag).read()) * len(batches))
         except (OSError, ValueError):
             pass
-        return forward(self, seqs)
-    Scorer.forward = slow_forward
+        return forward_each(self, batches, deliver)
+    Scorer.forward_each = slow_forward_each
 from reward_service.__main__ import main
 sys.exit(main())
 """

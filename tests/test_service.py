@@ -29,7 +29,7 @@ from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
 from reward_service.app import ServiceState, create_app
 from reward_service.metrics import ServiceMetrics
-from reward_service.runner import ProcessRunner
+from reward_service.runner import Deliver, ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
 from tests.support import exited_within
@@ -502,15 +502,15 @@ def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Pat
 
     def loader(settings: ServiceSettings) -> Scorer:
         scorer = Scorer.load(settings)
-        forward = scorer.forward
+        forward_each = scorer.forward_each
 
-        def blocking_forward(seqs: list[list[int]]) -> torch.Tensor:
-            if len(seqs) == 4:  # fault injection: this forward pass hangs until released
+        def blocking_forward_each(batches: list[list[list[int]]], deliver: Deliver) -> None:
+            if sum(map(len, batches)) == 4:  # fault injection: this round hangs until released
                 entered.set()
                 release.wait(timeout=30)
-            return forward(seqs)
+            forward_each(batches, deliver)
 
-        scorer.forward = blocking_forward  # type: ignore[method-assign]
+        scorer.forward_each = blocking_forward_each  # type: ignore[method-assign]
         return scorer
 
     settings = ServiceSettings(

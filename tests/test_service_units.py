@@ -236,10 +236,21 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         with pytest.raises(IndexError):
             runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
         assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
+        # A round's batches all go down the pipe at once; each result or error comes back in
+        # order, and nothing is left in the pipe for the next call.
+        results: list[tuple[int, torch.Tensor | Exception]] = []
+        runner.forward_each([ids, [[10**6]], ids[1:]], lambda k, r: results.append((k, r)))
+        assert [k for k, _ in results] == [0, 1, 2]
+        assert torch.equal(results[0][1], scorer.forward(ids))  # type: ignore[arg-type]
+        assert isinstance(results[1][1], IndexError)
+        assert torch.equal(results[2][1], scorer.forward(ids[1:]))  # type: ignore[arg-type]
+        assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
         assert runner.pid is not None
         os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
         with pytest.raises(ModelProcessExited, match="exit code -9"):
             runner.forward(ids)
+        with pytest.raises(ModelProcessExited):
+            runner.forward_each([ids, ids], lambda k, r: results.append((k, r)))
         assert runner.failure() == "the model process exited (exit code -9)"
     finally:
         runner.close()
