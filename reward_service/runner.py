@@ -49,8 +49,9 @@ class ModelInfo:
 Deliver = Callable[[int, "torch.Tensor | Exception"], None]
 
 # A round's batches all go down the pipe before the first result is read (so the model process
-# never waits for the server between two) when each result is at most this many floats: results
-# then fit in the pipe's buffer, and neither side can block on a full pipe while the other does.
+# never waits for the server between two) when the round's results together are at most this
+# many floats: they then fit in the pipe's buffer while the server is still sending, so neither
+# side can block on a full pipe while the other does.
 _AHEAD_MAX_FLOATS = 4096
 
 
@@ -258,7 +259,7 @@ class ProcessRunner:
     def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
         """Like :meth:`forward` for each batch, but all batches are sent before the first result
         is read when results are small, so the child runs them back to back."""
-        ahead = all(len(b) * self.info.num_labels <= _AHEAD_MAX_FLOATS for b in batches)
+        ahead = sum(map(len, batches)) * self.info.num_labels <= _AHEAD_MAX_FLOATS
         window = len(batches) if ahead else 1
         with self._lock:
             sent = 0

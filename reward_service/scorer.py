@@ -1,8 +1,9 @@
 """The model side of the service: render items to text, tokenize, truncate, run forward passes.
 
 Everything here is synchronous and usable in-process (tests and benchmarks call it directly);
-the batcher runs :meth:`Scorer.forward` in a worker thread. The model itself sits behind a
-:class:`~reward_service.runner.Runner`: in a child process by default, or in this one.
+the batcher runs :meth:`Scorer.forward_each` (a round's batches) in a worker thread. The model
+itself sits behind a :class:`~reward_service.runner.Runner`: in a child process by default, or
+in this one.
 """
 
 from __future__ import annotations
