@@ -355,7 +355,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     )
     scorer = Scorer.load(settings)
     scorer.warmup()
-    cost = scorer.forward_cost()  # what the service measures at its warm-up, in-process
+    # What the service measures at its warm-up, in-process.
+    cost = scorer.forward_cost(settings.max_batch_size, settings.max_batch_tokens)
     probe = texts[0]
     params = n_params(path)
 

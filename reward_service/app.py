@@ -264,7 +264,9 @@ async def _load(state: ServiceState, loader: Loader) -> None:
     try:
         scorer = await asyncio.to_thread(loader, settings)
         await asyncio.to_thread(scorer.warmup)
-        cost = await asyncio.to_thread(scorer.forward_cost)
+        cost = await asyncio.to_thread(
+            scorer.forward_cost, settings.max_batch_size, settings.max_batch_tokens
+        )
     except Exception as exc:
         state.load_error = f"loading {settings.model!r} failed: {type(exc).__name__}: {exc}"
         logger.error("%s", state.load_error)

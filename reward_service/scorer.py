@@ -224,27 +224,40 @@ class Scorer:
         ids = self._tokenize(["a slightly longer warm-up text"], True)[0][: self.max_length]
         self.forward([ids[:2], ids])  # two lengths: the padded path runs too
 
-    def forward_cost(self, n: int = 8, length: int = 32, repeats: int = 5) -> ForwardCost:
-        """What a forward pass costs, fitted as fixed + per padded token through the fastest of
-        ``repeats`` timings of two batches: one short item, and ``n`` items of ``length`` ids.
-        The fixed part (launches, the pipe, Python) is what a batch costs whatever its size."""
-        short = self._tokenize(["a short text"], True)[0][: self.max_length]
-        long = self._tokenize(["a text of many words " * length], True)[0]
-        long = long[: min(length, self.max_length)]
-
-        def fastest(batch: list[list[int]]) -> float:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self.forward(batch)
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        small, big = [short], [long] * n
-        small_s, big_s = fastest(small), fastest(big)
-        extra_tokens = len(big) * len(long) - len(short)
+    def forward_cost(
+        self,
+        max_batch_size: int = 64,
+        max_batch_tokens: int = 16384,
+        repeats: int = 5,
+        slow_s: float = 0.25,
+    ) -> ForwardCost:
+        """What a forward pass costs, fitted as fixed + per padded token: the line through the
+        fastest of ``repeats`` timings of one short item and of a full batch (``max_batch_size``
+        items of 64 ids, within ``max_batch_tokens``). The fixed part (launches, the pipe,
+        Python) is what a batch costs whatever its size. The per-token part is the full batch's,
+        since it grows with the batch (caches, attention) and it is the big batches' cost that
+        decides whether to cut them. The batch grows 4x at a time from 4 items, stopping early
+        at one whose forward takes over ``slow_s`` (a large model on a CPU)."""
+        ids = self._tokenize(["a text of many words " * 32], True)[0][: self.max_length]
+        short, long = ids[:16], ids[:64]
+        cap = max(1, min(max_batch_size, max_batch_tokens // len(long)))
+        size = min(4, cap)
+        while size < cap and self._fastest([long] * size, 1) <= slow_s:
+            size = min(size * 4, cap)
+        small_s = self._fastest([short], repeats)
+        big_s = self._fastest([long] * size, repeats)
+        extra_tokens = size * len(long) - len(short)
         per_token_s = max(0.0, (big_s - small_s) / extra_tokens) if extra_tokens > 0 else 0.0
         return ForwardCost(max(0.0, small_s - per_token_s * len(short)), per_token_s)
+
+    def _fastest(self, batch: list[list[int]], repeats: int) -> float:
+        """The fastest of ``repeats`` forwards of ``batch``, in seconds."""
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.forward(batch)
+            times.append(time.perf_counter() - start)
+        return min(times)
 
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)

@@ -267,15 +267,38 @@ def test_model_process_reraises_its_load_error(tmp_path: Path) -> None:
 def test_forward_cost_fits_the_fixed_and_per_token_parts_of_a_forward_pass(
     scorer: Scorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    sizes: list[int] = []
+
     def forward(seqs: list[list[int]]) -> torch.Tensor:  # 20 ms + 0.1 ms per padded token
+        sizes.append(len(seqs))
         time.sleep(0.020 + 0.0001 * len(seqs) * max(len(s) for s in seqs))
         return torch.zeros(len(seqs), 1)
 
     monkeypatch.setattr(scorer, "forward", forward)
-    cost = scorer.forward_cost()
+    cost = scorer.forward_cost(max_batch_size=8, max_batch_tokens=10_000, repeats=3)
     assert cost.fixed_s == pytest.approx(0.020, abs=0.005)
     assert cost.per_token_s == pytest.approx(0.0001, rel=0.3)
     assert cost.fixed_tokens == pytest.approx(200, rel=0.5)
+    assert max(sizes) == 8  # the per-token part is a full batch's
+
+
+def test_forward_cost_times_batches_within_the_limits_and_stops_at_a_slow_one(
+    scorer: Scorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shapes: list[tuple[int, int]] = []
+
+    def forward(seqs: list[list[int]]) -> torch.Tensor:  # 16 items of 64 ids: 0.1 s
+        shapes.append((len(seqs), max(len(s) for s in seqs)))
+        time.sleep(0.001 + 1e-4 * len(seqs) * max(len(s) for s in seqs) / 1.024)
+        return torch.zeros(len(seqs), 1)
+
+    monkeypatch.setattr(scorer, "forward", forward)
+    scorer.forward_cost(max_batch_size=1024, max_batch_tokens=1_000_000, slow_s=0.05, repeats=2)
+    assert max(n for n, _ in shapes) == 16  # 4 items (26 ms) grow to 16 (101 ms): too slow
+    shapes.clear()
+    scorer.forward_cost(max_batch_size=1024, max_batch_tokens=64 * 8, slow_s=10, repeats=2)
+    assert max(n * length for n, length in shapes) <= 64 * 8
+    assert max(n for n, _ in shapes) == 8
 
 
 def test_batcher_plans_batches_by_the_forward_cost(scorer: Scorer) -> None:
