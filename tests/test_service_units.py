@@ -428,8 +428,14 @@ def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
         await batcher.close(timeout_s=5)
 
     asyncio.run(run())
-    # Cheap forwards: each round of 8 clients runs as two halves. Costly ones: whole rounds.
-    assert sizes == ([4, 4] * 3 if split else [8, 8, 8]) + [8, 8, 8]
+    # Costly forwards: whole rounds. Cheap ones: the first round of 8 clients runs as two
+    # halves, and the clients then come back in smaller groups (how they regroup depends on
+    # the machine's timing).
+    if split:
+        assert sizes[:2] == [4, 4] and sum(sizes[:-3]) == 24
+    else:
+        assert sizes[:-3] == [8, 8, 8]
+    assert sizes[-3:] == [8, 8, 8]
 
 
 def test_batcher_thread_runs_a_rounds_batches_back_to_back_while_the_loop_is_busy(
