@@ -232,19 +232,20 @@ class Scorer:
         slow_s: float = 0.25,
     ) -> ForwardCost:
         """What a forward pass costs, fitted as fixed + per padded token: the line through the
-        fastest of ``repeats`` timings of one short item and of a full batch (``max_batch_size``
-        items of 64 ids, within ``max_batch_tokens``). The fixed part (launches, the pipe,
-        Python) is what a batch costs whatever its size. The per-token part is the full batch's,
-        since it grows with the batch (caches, attention) and it is the big batches' cost that
-        decides whether to cut them. The batch grows 4x at a time from 4 items, stopping early
-        at one whose forward takes over ``slow_s`` (a large model on a CPU)."""
+        fastest timings of one short item (4 x ``repeats``: cheap, and the noisier, being mostly
+        the hand-off to the model) and of a full batch (``repeats``; ``max_batch_size`` items of
+        64 ids, within ``max_batch_tokens``). The fixed part (launches, the pipe, Python) is what
+        a batch costs whatever its size. The per-token part is the full batch's, since on a CPU
+        it grows with the batch and it is the big batches' cost that decides whether to cut
+        them. The batch grows 4x at a time from 4 items, stopping early at one whose forward
+        takes over ``slow_s`` (a large model on a CPU)."""
         ids = self._tokenize(["a text of many words " * 32], True)[0][: self.max_length]
         short, long = ids[:16], ids[:64]
         cap = max(1, min(max_batch_size, max_batch_tokens // len(long)))
         size = min(4, cap)
         while size < cap and self._fastest([long] * size, 1) <= slow_s:
             size = min(size * 4, cap)
-        small_s = self._fastest([short], repeats)
+        small_s = self._fastest([short], 4 * repeats)
         big_s = self._fastest([long] * size, repeats)
         extra_tokens = size * len(long) - len(short)
         per_token_s = max(0.0, (big_s - small_s) / extra_tokens) if extra_tokens > 0 else 0.0
