@@ -372,6 +372,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
         raise
     rows = []
     try:
+        # The cost the service fitted at its own warm-up (through its pipe), beside (a)'s.
+        info = httpx.get(f"http://127.0.0.1:{service_port}/info", timeout=10).json()
         for per_request in args.per_request:
             window = args.clients * per_request
             rounds = _throughput_rounds(
@@ -384,6 +386,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                     "params": params,
                     "inproc_forward_fixed_ms": cost.fixed_s * 1e3,
                     "inproc_forward_per_token_us": cost.per_token_s * 1e6,
+                    "service_forward_fixed_ms": info["forward_fixed_ms"],
+                    "service_forward_per_token_us": info["forward_per_token_us"],
                     "items": len(texts),
                     "per_request": per_request,
                     "inproc_items_per_s": med(rounds["a"]),
@@ -504,6 +508,13 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"| {r['model']} | {r['inproc_single_p50_ms']:.2f} ms | "
             f"{r['service_single_p50_ms']:.2f} ms | {r['single_overhead_ms']:+.2f} ms | "
             f"{r['service_single_p50_httpx_ms']:.2f} ms | {r['naive_single_p50_ms']:.2f} ms |"
+        )
+    print("\nforward cost fitted at warm-up (fixed + per padded token; it sets the plans):")
+    for r in {r["model"]: r for r in rows}.values():
+        print(
+            f"  {r['model']}: in-process (a) {r['inproc_forward_fixed_ms']:.2f} ms + "
+            f"{r['inproc_forward_per_token_us']:.1f} us, service (b) "
+            f"{r['service_forward_fixed_ms']:.2f} ms + {r['service_forward_per_token_us']:.1f} us"
         )
     print(
         "\ntargets: (b)/(a) >= 0.9, (b)/(c) >= 3, overhead <= 2 ms; (a)/(c) is the most any "
