@@ -226,8 +226,8 @@ class Scorer:
 
     def forward_cost(
         self,
-        max_batch_size: int = 64,
-        max_batch_tokens: int = 16384,
+        max_batch_size: int,
+        max_batch_tokens: int,
         repeats: int = 5,
         slow_s: float = 0.25,
     ) -> ForwardCost:
