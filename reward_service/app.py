@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -15,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.schemas import (
     ErrorResponse,
@@ -55,6 +57,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         503: "Model loading, service draining, or the model process exited",
     }.items()
 }
+
+
+class _ServiceApp(FastAPI):
+    """A FastAPI app that serves every request through ``front``, the service's own ASGI
+    middleware, which passes what it does not answer itself on to FastAPI."""
+
+    front: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.front(scope, receive, send)
 
 
 @dataclass
@@ -100,7 +112,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
             if state.scorer is not None:
                 await asyncio.to_thread(state.scorer.close)
 
-    app = FastAPI(
+    app = _ServiceApp(
         title="Reward service",
         summary="Scores texts with a sequence-classification model, batched across requests.",
         version="0.1.0",
@@ -191,20 +203,21 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
         scores = [row[scorer.score_label] for row in logits]
         return _json({"rewards": scores, "scores": scores})
 
-    # Each add_middleware wraps the ones added before it: the key check and the request
-    # metrics apply to the directly served scoring routes too.
-    app.add_middleware(
-        DirectRoutes, endpoints={"/score": score, "/get_reward": get_reward}, metrics=state.metrics
+    # Every request meets these first, ahead of FastAPI's own layers (telemetry, body limit,
+    # error middleware, routing), which the scoring POSTs do not use: the request metrics, then
+    # the key check, then the direct dispatch of the scoring routes.
+    front: ASGIApp = DirectRoutes(
+        partial(FastAPI.__call__, app),
+        endpoints={"/score": score, "/get_reward": get_reward},
+        metrics=state.metrics,
     )
     if settings.api_key is not None:
-        # Outside the routing, so no route (a new one, the docs, a 404 or 405) can skip it.
-        app.add_middleware(
-            ApiKeyMiddleware,
-            key=settings.api_key.get_secret_value(),
-            public=PUBLIC_ROUTES,
+        # Before any routing, so no route (a new one, the docs, a 404 or 405) can skip it.
+        front = ApiKeyMiddleware(
+            front, key=settings.api_key.get_secret_value(), public=PUBLIC_ROUTES,
             metrics=state.metrics,
-        )
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
+        )  # fmt: skip
+    app.front = RequestMetricsMiddleware(front, metrics=state.metrics, routes=_ROUTES)
 
     @app.get(
         "/health",
