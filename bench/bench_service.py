@@ -42,6 +42,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
+import psutil
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -166,10 +167,11 @@ async def _throughput(
     warmup_s: float,
     seconds: float,
     scored_items: bool,
-) -> tuple[float, float | None]:
-    """Steady-state items/s and mean batch size: every client sends the requests (in turn,
-    round and round) back to back, and only a window of ``seconds`` after ``warmup_s`` counts,
-    so neither the ramp-up nor the drain does.
+    server_pid: int | None = None,
+) -> tuple[float, float | None, dict[str, float] | None]:
+    """Steady-state items/s, mean batch size and CPU time per item: every client sends the
+    requests (in turn, round and round) back to back, and only a window of ``seconds`` after
+    ``warmup_s`` counts, so neither the ramp-up nor the drain does.
 
     With ``scored_items`` (the service), the items its forward passes scored in the window,
     read from its ``/metrics``, count: responses come in bursts (a request is answered when the
@@ -177,6 +179,9 @@ async def _throughput(
     counting responses would quantize the figure by a whole round. Without (the naive server,
     one forward per request; it has no /metrics, and a request for it would queue behind the
     load), the items of the responses that arrive in the window count; its mean batch is None.
+
+    With ``server_pid`` (and ``scored_items``), the CPU microseconds per item that the server
+    process, its children (the model process) and this one (the clients) spent in the window.
     """
     conns = [RawClient(port) for _ in range(clients)]
     for conn in conns:  # connect outside the timed part
@@ -194,22 +199,27 @@ async def _throughput(
             if t0 <= time.perf_counter() <= t1:
                 answered += n
 
-    async def snapshot(at: float) -> tuple[float, tuple[float, float]]:
+    async def snapshot(at: float) -> tuple[float, tuple[float, float], tuple[float, ...]]:
         await asyncio.sleep(at - time.perf_counter())
         stats = await asyncio.to_thread(_batch_stats, port)
-        return time.perf_counter(), stats
+        cpu = _cpu_seconds(server_pid) if server_pid is not None else ()
+        return time.perf_counter(), stats, cpu
 
-    async def scored() -> tuple[float, float]:
-        (start, before), (end, after) = await snapshot(t0), await snapshot(t1)
+    async def scored() -> tuple[float, float, dict[str, float] | None]:
+        (start, before, cpu0), (end, after, cpu1) = await snapshot(t0), await snapshot(t1)
         items, batches = after[0] - before[0], after[1] - before[1]
-        return items / (end - start), items / max(batches, 1)
+        cpu = None
+        if server_pid is not None:
+            used = [(b - a) / max(items, 1) * 1e6 for a, b in zip(cpu0, cpu1, strict=True)]
+            cpu = dict(zip(("server", "model", "client"), used, strict=True))
+        return items / (end - start), items / max(batches, 1), cpu
 
     clients_done = asyncio.gather(*(worker(c) for c in conns))
     if scored_items:
         _, result = await asyncio.gather(clients_done, scored())
     else:
         await clients_done
-        result = (answered / seconds, None)
+        result = (answered / seconds, None, None)
     for conn in conns:
         conn.close()
     return result
@@ -221,12 +231,29 @@ def http_items_per_s(
     per_request: int,
     args: argparse.Namespace,
     scored_items: bool = True,
-) -> tuple[float, float | None]:
-    """Steady-state items/s of a server under ``args.clients`` clients, and its mean batch."""
+    server_pid: int | None = None,
+) -> tuple[float, float | None, dict[str, float] | None]:
+    """Steady-state items/s of a server under ``args.clients`` clients, its mean batch and
+    the CPU time per item (see :func:`_throughput`)."""
     requests = bodies(texts, per_request)
     return asyncio.run(
-        _throughput(port, requests, args.clients, args.warmup, args.seconds, scored_items)
+        _throughput(
+            port, requests, args.clients, args.warmup, args.seconds, scored_items, server_pid
+        )
     )
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """CPU seconds (user + system) so far of process ``pid``, of its children and of this
+    process."""
+
+    def used(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    server = psutil.Process(pid)
+    children = sum(used(child) for child in server.children(recursive=True))
+    return used(server), children, used(psutil.Process())
 
 
 def paired_latencies_ms(
@@ -377,8 +404,9 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
         for per_request in args.per_request:
             window = args.clients * per_request
             rounds = _throughput_rounds(
-                scorer, settings, cost, texts, per_request, window, service_port, naive_port, args
-            )
+                scorer, settings, cost, texts, per_request, window, service, service_port,
+                naive_port, args,
+            )  # fmt: skip
             med = statistics.median
             rows.append(
                 {
@@ -395,6 +423,15 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                     "service_items_per_s": med(rounds["b"]),
                     "naive_items_per_s": med(rounds["c"]),
                     "service_mean_batch": med(rounds["batch"]),
+                    # CPU per item: (a) runs on one thread, busy throughout.
+                    "inproc_cpu_us_per_item": med(1e6 / a for a in rounds["a"]),
+                    "service_cpu_us_per_item": {
+                        part: med(rounds[f"cpu_{part}"]) for part in ("server", "model", "client")
+                    },
+                    # The share of the window in which the model process was on a CPU.
+                    "model_process_busy": med(
+                        _ratios(rounds["cpu_model"], [1e6 / b for b in rounds["b"]])
+                    ),
                     "b_over_a": med(_ratios(rounds["b"], rounds["a"])),
                     "b_over_a_global": med(_ratios(rounds["b"], rounds["a_global"])),
                     "b_over_c": med(_ratios(rounds["b"], rounds["c"])),
@@ -436,21 +473,27 @@ def _throughput_rounds(
     texts: list[str],
     per_request: int,
     window: int,
+    service: subprocess.Popen[bytes],
     service_port: int,
     naive_port: int,
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
     in_process_items_per_s(scorer, texts[: window * 2], settings, cost, window, 0)  # warm-up
-    rounds: dict[str, list[float]] = {k: [] for k in ("a", "a_global", "b", "c", "batch")}
+    keys = ("a", "a_global", "b", "c", "batch", "cpu_server", "cpu_model", "cpu_client")
+    rounds: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(args.repeats):
         a = in_process_items_per_s(scorer, texts, settings, cost, window, args.seconds)
         rounds["a"].append(a)
         rounds["a_global"].append(
             in_process_items_per_s(scorer, texts, settings, cost, None, args.seconds)
         )
-        service, mean_batch = http_items_per_s(service_port, texts, per_request, args)
-        rounds["b"].append(service)
+        served, mean_batch, cpu = http_items_per_s(
+            service_port, texts, per_request, args, server_pid=service.pid
+        )
+        rounds["b"].append(served)
         rounds["batch"].append(mean_batch or 0.0)
+        for part, us in (cpu or {}).items():
+            rounds[f"cpu_{part}"].append(us)
         naive = http_items_per_s(naive_port, texts, per_request, args, scored_items=False)
         rounds["c"].append(naive[0])
     return rounds
@@ -509,6 +552,25 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['service_single_p50_ms']:.2f} ms | {r['single_overhead_ms']:+.2f} ms | "
             f"{r['service_single_p50_httpx_ms']:.2f} ms | {r['naive_single_p50_ms']:.2f} ms |"
         )
+    header = (
+        "| model | items/request | (a) in-process | (b) server | (b) model process | "
+        "(b) clients | (b) total | (b) total / (a) | model process busy |"
+    )
+    print("\nCPU time per item (user + system, microseconds):\n\n" + header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for r in rows:
+        cpu = r["service_cpu_us_per_item"]
+        total = sum(cpu.values())
+        print(
+            f"| {r['model']} | {r['per_request']} | {r['inproc_cpu_us_per_item']:.0f} | "
+            f"{cpu['server']:.0f} | {cpu['model']:.0f} | {cpu['client']:.0f} | {total:.0f} | "
+            f"{total / r['inproc_cpu_us_per_item']:.2f} | {r['model_process_busy']:.0%} |"
+        )
+    print(
+        f"(a) keeps one core busy; (b) shares the machine's {os.cpu_count()} cores between the "
+        "server, its model process and the clients. (b)/(a) = the model process's busy share x "
+        "(a)'s CPU per item / the model process's."
+    )
     print("\nforward cost fitted at warm-up (fixed + per padded token; it sets the plans):")
     for r in {r["model"]: r for r in rows}.values():
         print(
