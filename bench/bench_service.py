@@ -201,8 +201,10 @@ async def _throughput(
 
     async def snapshot(at: float) -> tuple[float, tuple[float, float], tuple[float, ...]]:
         await asyncio.sleep(at - time.perf_counter())
-        stats = await asyncio.to_thread(_batch_stats, port)
-        cpu = _cpu_seconds(server_pid) if server_pid is not None else ()
+        # Both readings in a thread: the clients' event loop keeps running meanwhile.
+        stats, cpu = await asyncio.to_thread(
+            lambda: (_batch_stats(port), _cpu_seconds(server_pid) if server_pid else ())
+        )
         return time.perf_counter(), stats, cpu
 
     async def scored() -> tuple[float, float, dict[str, float] | None]:

@@ -109,9 +109,10 @@ class ApiKeyMiddleware:
 class DirectRoutes:
     """Serves ``POST`` on the given paths by calling their endpoints straight away.
 
-    FastAPI's telemetry, exception, routing and dependency layers took about a third of the
-    event loop's time per single-item ``/score`` request, and these endpoints use none of them:
-    they take the bare :class:`Request` and raise :class:`ApiError`. The same endpoints stay
+    These endpoints use none of FastAPI's telemetry, exception, routing and dependency layers:
+    they take the bare :class:`Request` and raise :class:`ApiError`. Skipping the routing took
+    single-item throughput up 1.30×; skipping the rest too cut the event loop's instructions
+    per single-item ``/score`` by 12 % (658k to 577k). The same endpoints stay
     registered as FastAPI routes, which document them in OpenAPI and answer other methods (405).
     It sits in front of the FastAPI app, inside the request metrics and the API key check. So
     FastAPI's OpenTelemetry spans and metrics, when a provider is configured, cover every route
