@@ -1,10 +1,10 @@
-"""Cross-request dynamic batching: one queue, one worker thread running the forward passes.
+"""Cross-request dynamic batching: one queue, one thread that forms batches and runs them.
 
-Requests put their tokenized items on the queue and await a future. A single asyncio worker
-forms micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` from items of any
-request, sorted by length, and runs each forward in a dedicated thread, so the event loop keeps
-accepting and parsing requests meanwhile. A round's micro-batches are handed to the thread
-together: it runs them back to back, never waiting for the busy event loop to pass the next.
+Requests put their tokenized items on the queue and await a future. The batching thread forms
+micro-batches bounded by ``max_batch_size`` and ``max_batch_tokens`` from items of any request,
+sorted by length, runs their forward passes and hands each finished request back to the event
+loop. The event loop only parses, tokenizes, queues and answers: a round ends and the next one
+starts in the thread, without waiting for a busy event loop to start it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -154,21 +154,24 @@ def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | No
 ForwardEach = Callable[[list[list[list[int]]], Deliver], None]
 
 
-def _settle(
-    future: asyncio.Future[tuple[list[list[float]], float]],
-    outcome: tuple[list[list[float]], float] | Exception,
-) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _answer(jobs: Sequence[_Job]) -> None:
+    """On the event loop: resolve the futures of requests whose items are all scored."""
+    for job in jobs:
+        if not job.future.done():  # its handler may be gone
+            job.future.set_result(job.results)
+
+
+def _fail(jobs: Sequence[_Job], exc: BaseException) -> None:
+    """On the event loop: fail the futures of ``jobs`` still waiting."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
 
 
 @dataclass(eq=False)
 class _Job:
-    """One request's items and the future its handler awaits."""
+    """One request's items and the future its handler awaits. The batcher's thread alone
+    fills ``results`` and counts down ``remaining``; the event loop alone settles ``future``."""
 
     seqs: list[list[int]]
     future: asyncio.Future[list[list[float]]]
@@ -183,16 +186,16 @@ class _Job:
 
 
 class Batcher:
-    """Queue + worker. Create and use it inside the running event loop.
+    """Queue + batching thread. Create and use it inside the running event loop.
 
     Each round takes the oldest queued items (at most a few batches: the pool), sorts them by
-    length, splits them into micro-batches (:func:`plan_batches`) and has the thread run them
-    one after another (``forward_each``: the model process gets them all at once, so it never
-    waits for this process between two; default: ``forward`` on each in turn); a request is
-    answered as soon as its last item is scored. Before a round the worker waits (at most
-    ``max_wait_s``) for the requests it expects: those whose answers the previous round sent,
-    since under load their clients send the next one right away. A lone client is never
-    delayed: it is expected back only after it has been answered.
+    length, splits them into micro-batches (:func:`plan_batches`) and runs them one after
+    another (``forward_each``: the model process gets them all at once, so it never waits for
+    this process between two; default: ``forward`` on each in turn); a request is answered as
+    soon as its last item is scored. Before a round the thread waits (at most ``max_wait_s``)
+    for the requests it expects: those whose answers the previous round sent, since under load
+    their clients send the next one right away. A lone client is never delayed: it is expected
+    back only after it has been answered.
 
     ``forward_cost`` (measured at warm-up) decides two things. How many micro-batches: as many
     as minimise fixed costs plus padded tokens, so short items stop padding to the longest of
@@ -225,15 +228,21 @@ class Batcher:
         self.max_queue_items = max_queue_items
         self.forward_cost = forward_cost or ForwardCost(math.inf, 0.0)
         self._pool_limit = max_batch_size * _POOL_BATCHES
+        self._loop = asyncio.get_running_loop()
+        # The queue and what the thread waits for, shared with the event loop under the lock.
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
-        self._wake = asyncio.Event()
+        self._wanted = 1  # queued items at which an arrival wakes the thread
         self._closing = False
+        self._in_round: list[_Job] = []  # requests of the round running now
+        # The thread's own state.
         self._items_per_s = 0.0
         self._expected = 1  # items the next round should wait for
         self._round_end = 0.0
         self._last_wait = 0.0  # seconds the last round that waited for clients spent waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
+        self._thread.start()
 
     @property
     def queued(self) -> int:
@@ -242,150 +251,159 @@ class Batcher:
 
     async def score(self, seqs: list[list[int]]) -> list[list[float]]:
         """Head logits of each sequence, in order, once their micro-batches have run."""
-        if self._closing:
-            raise Draining("the service is shutting down")
-        if len(self._queue) + len(seqs) > self.max_queue_items:
-            raise QueueFull(self._retry_after())
-        future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[list[float]]] = self._loop.create_future()
         job = _Job(seqs, future, time.perf_counter())
-        self._queue.extend((job, i) for i in range(len(seqs)))
-        self._metrics.queue_depth.set(len(self._queue))
-        self._wake.set()
+        with self._lock:
+            if self._closing:
+                raise Draining("the service is shutting down")
+            if len(self._queue) + len(seqs) > self.max_queue_items:
+                raise QueueFull(self._retry_after())
+            self._queue.extend((job, i) for i in range(len(seqs)))
+            depth = len(self._queue)
+            if depth >= self._wanted:
+                self._arrived.notify()
+        self._metrics.queue_depth.set(depth)
         return await future
 
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, finish what is queued (at most ``timeout_s``), stop the thread."""
-        self._closing = True
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except TimeoutError:
+        with self._lock:
+            self._closing = True
+            self._arrived.notify()
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        if not self._thread.is_alive():
+            return
+        with self._lock:
             logger.error("drain timed out with %d items queued", len(self._queue))
-            self._task.cancel()
-            for job, _ in self._queue:
-                if not job.future.done():
-                    job.future.set_exception(Draining("the service shut down before scoring"))
-        self._executor.shutdown(wait=True)
+            jobs = [job for job, _ in self._queue] + self._in_round
+            self._queue.clear()
+        _fail(jobs, Draining("the service shut down before scoring"))
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
+        """The thread: rounds of forward passes until closed and drained."""
         idle = True
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                idle = True
-                continue
-            waited: float | None = None
-            fixed_s = self.forward_cost.fixed_s
-            if idle or fixed_s >= self._last_wait:
-                waited = self._last_wait = await self._collect()
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._arrived.wait()
+                    idle = True
+                if not self._queue:
+                    return  # closing, and nothing is left
+            try:
+                self._round(idle)
+            except Exception as exc:  # a fault here must not leave requests waiting forever
+                logger.exception("batching round failed")
+                with self._lock:
+                    jobs, self._in_round = self._in_round, []
+                self._call_soon(_fail, jobs, exc)
             idle = False
-            pool = self._take()
-            plan = plan_batches(
-                [len(job.seqs[i]) for job, i in pool],
-                self.max_batch_size,
-                self.max_batch_tokens,
-                self.forward_cost.fixed_tokens,
-            )
-            if waited is not None and waited > fixed_s and len(plan) == 1:
-                plan = _halves_by_request(pool) or plan  # see the class docstring
-            # The whole round goes to the thread at once: it runs the micro-batches back to
-            # back instead of idling between two until this task gets the event loop again.
-            batches = [[pool[k] for k in indices] for indices in plan]
-            submitted = [loop.create_future() for _ in batches]
-            loop.run_in_executor(self._executor, self._run_round, loop, batches, submitted)
-            returning = 0
-            for batch, scored in zip(batches, submitted, strict=True):
-                returning += await self._finish(batch, scored)
-            self._expected = len(self._queue) + returning
-            self._round_end = time.perf_counter()
 
-    async def _collect(self) -> float:
-        """Wait until the expected items are in, at most max_wait from when the worker became
+    def _round(self, idle: bool) -> None:
+        """Wait for the expected items if it pays, then plan and run the oldest ones."""
+        waited: float | None = None
+        fixed_s = self.forward_cost.fixed_s
+        if idle or fixed_s >= self._last_wait:
+            waited = self._last_wait = self._collect()
+        pool = self._take()
+        if not pool:
+            return  # every item taken belonged to a request that is gone
+        plan = plan_batches(
+            [len(job.seqs[i]) for job, i in pool],
+            self.max_batch_size,
+            self.max_batch_tokens,
+            self.forward_cost.fixed_tokens,
+        )
+        if waited is not None and waited > fixed_s and len(plan) == 1:
+            plan = _halves_by_request(pool) or plan  # see the class docstring
+        returning = self._run_round([[pool[k] for k in indices] for indices in plan])
+        self._expected = len(self._queue) + returning
+        self._round_end = time.perf_counter()
+
+    def _collect(self) -> float:
+        """Wait until the expected items are in, at most max_wait from when the thread became
         free or the oldest item arrived, whichever is later (an item that arrived during the
         previous round still waits for the clients that round answered). Returns the seconds
         it waited."""
         start = time.perf_counter()
-        deadline = max(self._queue[0][0].enqueued_at, self._round_end) + self.max_wait_s
-        target = min(self._pool_limit, self._expected)
-        while len(self._queue) < target and not self._closing:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wake.wait()
-            except TimeoutError:
-                break
+        with self._lock:
+            if not self._queue:  # a timed-out drain emptied it
+                return 0.0
+            deadline = max(self._queue[0][0].enqueued_at, self._round_end) + self.max_wait_s
+            target = min(self._pool_limit, self._expected)
+            self._wanted = target
+            while len(self._queue) < target and not self._closing:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+            self._wanted = 1
         return time.perf_counter() - start
 
     def _take(self) -> list[tuple[_Job, int]]:
         """Remove and return the oldest queued items, at most a pool."""
         pool: list[tuple[_Job, int]] = []
         now = time.perf_counter()
-        while self._queue and len(pool) < self._pool_limit:
-            job, i = self._queue.popleft()
-            if job.future.done():  # its handler is gone: skip the work
-                continue
-            if not job.started:
-                job.started = True
-                self._metrics.queue_wait_seconds.observe(now - job.enqueued_at)
-            pool.append((job, i))
-        self._metrics.queue_depth.set(len(self._queue))
+        with self._lock:
+            while self._queue and len(pool) < self._pool_limit:
+                job, i = self._queue.popleft()
+                if job.future.done():  # its handler is gone: skip the work
+                    continue
+                if not job.started:
+                    job.started = True
+                    self._metrics.queue_wait_seconds.observe(now - job.enqueued_at)
+                pool.append((job, i))
+            self._in_round = list(dict.fromkeys(job for job, _ in pool))
+            depth = len(self._queue)
+        self._metrics.queue_depth.set(depth)
         return pool
 
-    def _run_round(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batches: list[list[tuple[_Job, int]]],
-        futures: list[asyncio.Future[tuple[list[list[float]], float]]],
-    ) -> None:
-        """In the thread: run a round's batches, settling each one's future with its rows and
-        the seconds since the previous one was scored (its forward pass, when back to back)."""
+    def _run_round(self, batches: list[list[tuple[_Job, int]]]) -> int:
+        """Run a round's batches back to back, handing each one's finished requests to the
+        event loop as soon as it is scored. Returns how many items those requests had."""
         last = time.perf_counter()
         settled = 0
+        returning = 0
 
         def deliver(k: int, result: torch.Tensor | Exception) -> None:
-            nonlocal last, settled
+            nonlocal last, settled, returning
             now = time.perf_counter()
-            outcome = result if isinstance(result, Exception) else (result.tolist(), now - last)
-            last, settled = now, k + 1
-            loop.call_soon_threadsafe(_settle, futures[k], outcome)
+            seconds, last, settled = now - last, now, k + 1
+            batch = batches[k]
+            if isinstance(result, Exception):
+                logger.error("forward pass failed", exc_info=result)
+                self._call_soon(_fail, [job for job, _ in batch], result)
+                return
+            self._observe(batch, seconds)
+            done = []
+            for (job, i), row in zip(batch, result.tolist(), strict=True):
+                job.results[i] = row
+                job.remaining -= 1
+                if job.remaining == 0:
+                    done.append(job)
+                    returning += len(job.seqs)
+            self._call_soon(_answer, done)
 
         try:
             self._forward_each([[job.seqs[i] for job, i in b] for b in batches], deliver)
         except Exception as exc:  # the model is gone: every batch not yet scored fails
-            for future in futures[settled:]:
-                loop.call_soon_threadsafe(_settle, future, exc)
+            self._call_soon(_fail, [job for b in batches[settled:] for job, _ in b], exc)
+        with self._lock:
+            self._in_round = []
+        return returning
 
-    async def _finish(
-        self, batch: list[tuple[_Job, int]], scored: Awaitable[tuple[list[list[float]], float]]
-    ) -> int:
-        """Deliver one micro-batch's rows; returns how many items the requests it completed
-        had."""
-        try:
-            logits, seconds = await scored
-        except Exception as exc:
-            logger.error("forward pass failed", exc_info=exc)
-            for job, _ in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return 0
+    def _observe(self, batch: Sequence[tuple[_Job, int]], seconds: float) -> None:
+        """Record one scored micro-batch that took ``seconds``."""
         lengths = [len(job.seqs[i]) for job, i in batch]
         self._metrics.observe_batch(len(batch), sum(lengths), len(batch) * max(lengths), seconds)
         self._items_per_s = 0.8 * self._items_per_s + 0.2 * len(batch) / max(seconds, 1e-6)
-        completed = 0
-        for (job, i), row in zip(batch, logits, strict=True):
-            job.results[i] = row
-            job.remaining -= 1
-            if job.remaining == 0 and not job.future.done():
-                job.future.set_result(job.results)
-                completed += len(job.seqs)
-        return completed
+
+    def _call_soon(self, callback: Callable[..., None], *args: object) -> None:
+        """Run ``callback(*args)`` on the event loop (dropped if the loop is already closed:
+        nobody is left to answer)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            logger.warning("event loop closed; %s dropped", callback.__name__)
 
     def _retry_after(self) -> int:
         """Seconds until the current queue is likely worked off (1..60)."""

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -438,7 +439,7 @@ def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
     assert sizes[-3:] == [8, 8, 8]
 
 
-def test_batcher_thread_runs_a_rounds_batches_back_to_back_while_the_loop_is_busy(
+def test_batcher_thread_runs_batches_and_rounds_back_to_back_while_the_loop_is_busy(
     scorer: Scorer,
 ) -> None:
     ids = scorer.encode(["the movie was great .", "dull", "the end"]).ids
@@ -461,10 +462,40 @@ def test_batcher_thread_runs_a_rounds_batches_back_to_back_while_the_loop_is_bus
             forward, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=10,
         )  # fmt: skip
-        assert len(await batcher.score(ids)) == 3  # one round of three 1-item batches
+        # Six 1-item batches; a round takes at most four: two rounds.
+        first, second = await asyncio.gather(batcher.score(ids), batcher.score(ids))
+        assert len(first) == len(second) == 3
         await batcher.close(timeout_s=5)
 
     asyncio.run(run())
-    assert len(starts) == 3
-    # The next batch was already with the thread: it did not wait out the stuck loop.
-    assert starts[1] - ends[0] < 0.5 and starts[2] - ends[1] < 0.5
+    assert len(starts) == 6
+    # The next batch, and the next round, started in the thread: neither waited out the stuck
+    # event loop.
+    assert max(b - a for a, b in zip(ends[:-1], starts[1:], strict=True)) < 0.5
+
+
+def test_batcher_drain_timeout_fails_queued_and_running_requests(scorer: Scorer) -> None:
+    ids = scorer.encode(["the movie was great ."]).ids
+    release = threading.Event()
+
+    def stuck(seqs: list[list[int]]) -> torch.Tensor:
+        release.wait(10)  # fault injection: a forward pass that hangs
+        return scorer.forward(seqs)
+
+    async def run() -> None:
+        batcher = Batcher(
+            stuck, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
+            max_wait_s=0.0, max_queue_items=10,
+        )  # fmt: skip
+        requests = [asyncio.ensure_future(batcher.score(ids)) for _ in range(6)]
+        await asyncio.sleep(0.1)  # the first round (four of them) is running
+        start = time.perf_counter()
+        await batcher.close(timeout_s=0.2)
+        assert time.perf_counter() - start < 1.0
+        for request in requests:
+            with pytest.raises(Draining):
+                await request
+        release.set()
+        await batcher.close(timeout_s=5)  # the thread finishes its round and stops
+
+    asyncio.run(run())
