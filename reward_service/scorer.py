@@ -1,7 +1,7 @@
 """The model side of the service: render items to text, tokenize, truncate, run forward passes.
 
 Everything here is synchronous and usable in-process (tests and benchmarks call it directly);
-the batcher runs :meth:`Scorer.forward_each` (a round's batches) in a worker thread. The model
+the batcher runs :meth:`Scorer.forward_each` (a round's batches) in its own thread. The model
 itself sits behind a :class:`~reward_service.runner.Runner`: in a child process by default, or
 in this one.
 """
