@@ -7,9 +7,8 @@ in one run, on the same texts:
     the texts as they are in flight (clients x items per request: all the service can ever
     batch together); (a*) the same over the whole set sorted at once, for reference; (a½) the
     same over windows of half that: what each of two alternating halves of the clients has in
-    flight, which is all that a service whose forward overlaps the other half's HTTP work can
-    batch together (a diagnostic, not a target: with a fixed cost per forward pass, it bounds
-    what (b) can reach);
+    flight, which is what a service whose forward overlaps the other half's HTTP work batches
+    per round (a diagnostic, not a target: it shows whether rounds of that size cost (b) much);
 (b) the real service (``python -m reward_service``) under N concurrent clients, each sending
     its next request as soon as it has the answer, in steady state (a timed window after a
     warm-up, so neither the ramp-up nor the drain counts);

@@ -244,11 +244,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._thread.start()
 
-    @property
-    def queued(self) -> int:
-        """Items waiting for a forward pass."""
-        return len(self._queue)
-
     async def score(self, seqs: list[list[int]]) -> list[list[float]]:
         """Head logits of each sequence, in order, once their micro-batches have run."""
         future: asyncio.Future[list[list[float]]] = self._loop.create_future()

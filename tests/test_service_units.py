@@ -356,18 +356,27 @@ def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer:
 
 def test_batcher_queue_limit_and_draining(scorer: Scorer) -> None:
     ids = scorer.encode(["the movie was great .", "dull", "the end"]).ids
+    started, release = threading.Event(), threading.Event()
+
+    def held(seqs: list[list[int]]) -> torch.Tensor:
+        started.set()
+        release.wait(10)  # the thread stays in this forward until the queue has been checked
+        return scorer.forward(seqs)
 
     async def run() -> None:
         batcher = Batcher(
-            scorer.forward, ServiceMetrics(), max_batch_size=4, max_batch_tokens=1000,
+            held, ServiceMetrics(), max_batch_size=4, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=3,
         )  # fmt: skip
-        first = asyncio.ensure_future(batcher.score(ids))
-        await asyncio.sleep(0)  # queued, not yet taken
+        running = asyncio.ensure_future(batcher.score(ids[:1]))
+        assert await asyncio.to_thread(started.wait, 5)
+        queued = asyncio.ensure_future(batcher.score(ids))  # fills the queue: 3 of 3 items
+        await asyncio.sleep(0)
         with pytest.raises(QueueFull) as info:
             await batcher.score(ids[:1])
         assert info.value.retry_after_s >= 1
-        assert len(await first) == 3
+        release.set()
+        assert len(await running) == 1 and len(await queued) == 3
         closing = asyncio.ensure_future(batcher.close(timeout_s=5))
         await asyncio.sleep(0)  # close() has begun
         with pytest.raises(Draining):
