@@ -22,6 +22,7 @@ from common.schemas import ScoreItem
 from reward_service.batcher import ForwardCost
 from reward_service.runner import Deliver, Runner, start_runner
 from reward_service.settings import ServiceSettings
+from reward_service.word_cache import WordCache
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class Scorer:
             self._fast = type(backend).from_str(backend.to_str())
             self._fast.no_truncation()
             self._fast.no_padding()
+        # Byte-level BPE tokenizers (most current reward models') encode through a cache of
+        # each word's ids, checked against the full tokenizer at load; see word_cache.
+        self._words = WordCache.for_tokenizer(self._fast) if self._fast is not None else None
         self._special_head, self._special_tail = self._special_edges()
 
     @classmethod
@@ -264,14 +268,22 @@ class Scorer:
         return bool(self.bos_token) and text.startswith(self.bos_token)
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        if self._fast is not None:
-            if len(texts) < _PARALLEL_MIN:  # a thread pool costs more than it saves here
-                return [
-                    self._fast.encode(t, add_special_tokens=add_special_tokens).ids for t in texts
-                ]
-            encodings = self._fast.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
-            return [e.ids for e in encodings]
-        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        if self._fast is None:
+            return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        if self._words is not None:
+            return [self._encode_one(t, add_special_tokens) for t in texts]
+        if len(texts) < _PARALLEL_MIN:  # a thread pool costs more than it saves here
+            return [self._fast.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
+        encodings = self._fast.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings]
+
+    def _encode_one(self, text: str, add_special_tokens: bool) -> list[int]:
+        """One text through the word cache, or the full tokenizer when the cache declines it."""
+        assert self._fast is not None and self._words is not None
+        ids = self._words.encode(text, add_special_tokens)
+        if ids is None:
+            ids = self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
 
     def _special_edges(self) -> tuple[int, int]:
         """How many ids the tokenizer's post-processor puts before and after the content."""
