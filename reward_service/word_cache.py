@@ -99,6 +99,8 @@ class WordCache:
         self._tokenizer = tokenizer
         self._model = tokenizer.model
         self._split = regex.compile(pattern)
+        # findall returns whole matches only for a pattern without groups.
+        self._findall = self._split.findall if self._split.groups == 0 else None
         added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
         self._added = regex.compile("|".join(map(regex.escape, added))) if added else None
         self._words: dict[str, list[int]] = {}
@@ -143,8 +145,8 @@ class WordCache:
         """The ids of ``text``, or None when it holds an added token (use the full tokenizer)."""
         if self._added is not None and self._added.search(text):
             return None
-        words = self._split.findall(text)
-        if sum(map(len, words)) != len(text):  # the pattern skipped some text, or has groups
+        words = self._findall(text) if self._findall is not None else None
+        if words is None or sum(map(len, words)) != len(text):  # the pattern skipped some text
             words = self._pieces(text)
         ids = list(self._head) if add_special_tokens else []
         known = self._words.get

@@ -76,6 +76,25 @@ def test_llama3_style_split_is_cached_and_exact(llama3_style: Tokenizer) -> None
     assert_same(cache, llama3_style)
 
 
+def test_split_pattern_with_groups_and_gaps_is_exact() -> None:
+    """A pattern with a capturing group that leaves text between its matches: the pieces are
+    the whole matches and the text between them, as the pre-tokenizer's "Isolated" split."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"( ?\p{L}+)|\p{N}"), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(generate_corpus(1000, seed=7), trainer)
+    cache = WordCache.for_tokenizer(tokenizer)
+    assert cache is not None
+    assert_same(cache, tokenizer)
+
+
 def test_text_with_an_added_token_goes_to_the_full_tokenizer(llama3_style: Tokenizer) -> None:
     cache = WordCache.for_tokenizer(llama3_style)
     assert cache is not None
