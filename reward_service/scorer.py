@@ -22,7 +22,7 @@ from common.schemas import ScoreItem
 from reward_service.batcher import ForwardCost
 from reward_service.runner import Deliver, Runner, start_runner
 from reward_service.settings import ServiceSettings
-from reward_service.word_cache import WordCache
+from reward_service.word_cache import WordCache, special_edges
 
 logger = logging.getLogger(__name__)
 
@@ -287,10 +287,5 @@ class Scorer:
 
     def _special_edges(self) -> tuple[int, int]:
         """How many ids the tokenizer's post-processor puts before and after the content."""
-        probe = "a"
-        content = self._tokenize([probe], False)[0]
-        full = self._tokenize([probe], True)[0]
-        for start in range(len(full) - len(content) + 1):
-            if full[start : start + len(content)] == content:
-                return start, len(full) - start - len(content)
-        return 0, 0
+        edges = special_edges(self._tokenize(["a"], False)[0], self._tokenize(["a"], True)[0])
+        return (0, 0) if edges is None else (len(edges[0]), len(edges[1]))

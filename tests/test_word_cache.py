@@ -38,61 +38,58 @@ def assert_same(cache: WordCache, tokenizer: Tokenizer) -> None:
             assert cache.encode(text, add_special) == expected, (text, add_special)
 
 
-@pytest.fixture(scope="module")
-def llama3_style() -> Tokenizer:
-    """A byte-level BPE with Llama 3's split pattern and special tokens, trained here."""
+def assert_cached_and_exact(tokenizer: Tokenizer) -> None:
+    cache = WordCache.for_tokenizer(tokenizer)
+    assert cache is not None
+    assert_same(cache, tokenizer)
+
+
+def split_byte_level_bpe(
+    pattern: str, vocab_size: int, seed: int, specials: list[str] | None = None
+) -> Tokenizer:
+    """A byte-level BPE whose words come from a Split ``pattern``, trained on generated reviews;
+    with ``specials``, the first one is put before every text."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    specials = ["<|begin_of_text|>", "<|eot_id|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=800,
-        special_tokens=specials,
+        vocab_size=vocab_size,
+        special_tokens=specials or [],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(generate_corpus(2000, seed=5), trainer)
-    bos = tokenizer.token_to_id(specials[0])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{specials[0]} $A", special_tokens=[(specials[0], bos)]
-    )
+    tokenizer.train_from_iterator(generate_corpus(1000, seed=seed), trainer)
+    if specials:
+        bos = tokenizer.token_to_id(specials[0])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{specials[0]} $A", special_tokens=[(specials[0], bos)]
+        )
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_style() -> Tokenizer:
+    """Llama 3's split pattern and special tokens."""
+    return split_byte_level_bpe(LLAMA3_PATTERN, 800, 5, ["<|begin_of_text|>", "<|eot_id|>"])
 
 
 @pytest.mark.parametrize("which", ["reward", "policy"])
 def test_demo_tokenizers_are_cached_and_exact(demo_models: DemoModels, which: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(getattr(demo_models, which)).backend_tokenizer
-    cache = WordCache.for_tokenizer(tokenizer)
-    assert cache is not None
-    assert_same(cache, tokenizer)
+    assert_cached_and_exact(tokenizer)
 
 
 def test_llama3_style_split_is_cached_and_exact(llama3_style: Tokenizer) -> None:
-    cache = WordCache.for_tokenizer(llama3_style)
-    assert cache is not None
-    assert_same(cache, llama3_style)
+    assert_cached_and_exact(llama3_style)
 
 
 def test_split_pattern_with_groups_and_gaps_is_exact() -> None:
     """A pattern with a capturing group that leaves text between its matches: the pieces are
     the whole matches and the text between them, as the pre-tokenizer's "Isolated" split."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"( ?\p{L}+)|\p{N}"), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(generate_corpus(1000, seed=7), trainer)
-    cache = WordCache.for_tokenizer(tokenizer)
-    assert cache is not None
-    assert_same(cache, tokenizer)
+    assert_cached_and_exact(split_byte_level_bpe(r"( ?\p{L}+)|\p{N}", 600, 7))
 
 
 def test_text_with_an_added_token_goes_to_the_full_tokenizer(llama3_style: Tokenizer) -> None:
