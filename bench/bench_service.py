@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.demo_models import ensure_demo_models, generate_corpus  # noqa: E402
-from reward_service.batcher import ForwardCost, plan_batches  # noqa: E402
+from reward_service.batch_loop import ForwardCost, plan_batches  # noqa: E402
 from reward_service.scorer import Scorer  # noqa: E402
 from reward_service.settings import ServiceSettings  # noqa: E402
 

@@ -27,6 +27,7 @@ from common.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from reward_service.batch_loop import BatchLimits
 from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, from_validation_error, install_error_handlers
 from reward_service.metrics import ServiceMetrics
@@ -271,7 +272,7 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
 
 
 async def _load(state: ServiceState, loader: Loader) -> None:
-    """Load the model and warm it up off the event loop, then start the batcher."""
+    """Load the model and warm it up off the event loop, then start the batching loop."""
     settings = state.settings
     scorer: Scorer | None = None
     try:
@@ -280,6 +281,19 @@ async def _load(state: ServiceState, loader: Loader) -> None:
         cost = await asyncio.to_thread(
             scorer.forward_cost, settings.max_batch_size, settings.max_batch_tokens
         )
+        limits = BatchLimits(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000,
+            forward_cost=cost,
+        )
+        state.batcher = await Batcher.connect(
+            scorer.serve(limits),
+            state.metrics,
+            limits=limits,
+            max_queue_items=settings.max_queue_items,
+            lost=scorer.runner.lost,
+        )
     except Exception as exc:
         state.load_error = f"loading {settings.model!r} failed: {type(exc).__name__}: {exc}"
         logger.error("%s", state.load_error)
@@ -287,16 +301,6 @@ async def _load(state: ServiceState, loader: Loader) -> None:
             await asyncio.to_thread(scorer.close)
         return
     state.scorer = scorer
-    state.batcher = Batcher(
-        scorer.forward,
-        state.metrics,
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue_items=settings.max_queue_items,
-        forward_cost=cost,
-        forward_each=scorer.forward_each,
-    )
     state.ready = True
     logger.info(
         "ready: model %s (weights %s, %s on %s, %d labels, max_length %d, %s, "

@@ -2,8 +2,11 @@
 
 The server's event loop (HTTP, JSON, tokenizing) and a forward pass both need the GIL: a small
 model's forward is mostly Python, a large one's launches its kernels from Python. With the model
-in a spawned child, neither waits for the other; token ids go to it over a pipe and head logits
-come back. Both runners answer ``forward`` the same way and report the same :class:`ModelInfo`.
+in a spawned child, neither waits for the other. The child also runs the batching loop
+(:mod:`reward_service.batch_loop`): each request's token ids go to it over a socket, and it
+forms the micro-batches and sends head logits back, so a forward pass never waits for the
+server. Both runners answer ``forward`` the same way (before serving: warm-up, measurements)
+and report the same :class:`ModelInfo`.
 """
 
 from __future__ import annotations
@@ -11,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing as mp
-import pickle
 import signal
+import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +27,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import cached_file
 from transformers.utils.logging import disable_progress_bar
 
+from reward_service.batch_loop import BatchLimits, BatchLoop, serve_in_thread
+from reward_service.link import Link, portable_error
 from reward_service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -45,16 +49,6 @@ class ModelInfo:
     max_positions: int | None
 
 
-# Called with a batch's index in a round and its head logits, or the error its forward raised.
-Deliver = Callable[[int, "torch.Tensor | Exception"], None]
-
-# A round's batches all go down the pipe before the first result is read (so the model process
-# never waits for the server between two) when the round's results together are at most this
-# many floats: they then fit in the pipe's buffer while the server is still sending, so neither
-# side can block on a full pipe while the other does.
-_AHEAD_MAX_FLOATS = 4096
-
-
 class Runner(Protocol):
     """A loaded model that scores padded batches of token ids."""
 
@@ -64,11 +58,16 @@ class Runner(Protocol):
         """Why the model can no longer run; None while it can."""
         ...
 
-    def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor: ...
+    def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
+        """Head logits of one padded batch (warm-up and measurements, before :meth:`serve`)."""
+        ...
 
-    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
-        """Run ``batches`` in order, calling ``deliver(k, logits)`` as each one is scored, or
-        ``deliver(k, error)`` with what its forward raised; ModelProcessExited is raised."""
+    def serve(self, limits: BatchLimits) -> socket.socket:
+        """Start the batching loop beside the model; returns the server's end of its link."""
+        ...
+
+    def lost(self) -> BaseException:
+        """What requests fail with once the loop's link broke without being closed."""
         ...
 
     def close(self) -> None: ...
@@ -87,22 +86,6 @@ def start_runner(settings: ServiceSettings, pad_fallback: int | None) -> Runner:
     if settings.forward_process:
         return ProcessRunner.start(settings, pad_fallback)
     return LocalRunner.load(settings, pad_fallback)
-
-
-def one_by_one(
-    forward: Callable[[Sequence[list[int]]], torch.Tensor],
-    batches: Sequence[Sequence[list[int]]],
-    deliver: Deliver,
-) -> None:
-    """:meth:`Runner.forward_each` from a plain forward: each batch in turn, and an error in
-    one batch delivered as that batch's result."""
-    for k, seqs in enumerate(batches):
-        try:
-            logits = forward(seqs)
-        except Exception as exc:
-            deliver(k, exc)
-        else:
-            deliver(k, logits)
 
 
 def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,45 +183,52 @@ class LocalRunner:
         out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         return out.logits.float().cpu()
 
-    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
-        one_by_one(self.forward, batches, deliver)
+    def serve(self, limits: BatchLimits) -> socket.socket:
+        """The batching loop in a thread of this process (see :func:`serve_in_thread`)."""
+        return serve_in_thread(self.forward, limits)
+
+    def lost(self) -> BaseException:
+        return RuntimeError("the batching thread stopped; see the log")
 
     def close(self) -> None:
-        """Nothing to release: the model goes with this object."""
+        """Nothing to release: the model goes with this object (the batching thread stops
+        when the server closes its link)."""
 
 
 class ProcessRunner:
-    """The model in a spawned child process; each ``forward`` is one request over a pipe.
+    """The model in a spawned child process, which answers ``forward`` requests over a link
+    until :meth:`serve` turns it into the batching loop.
 
     Spawned, not forked: the parent runs threads, and a forked CUDA context is unusable. The
     child ignores SIGINT (a Ctrl-C reaches the whole process group; the server drains first, then
-    closes the pipe) and exits when the pipe closes, which also happens if the server is killed.
+    closes the link) and exits when the link closes, which also happens if the server is killed.
     """
 
-    def __init__(self, process: mp.process.BaseProcess, conn: Connection, info: ModelInfo) -> None:
+    def __init__(self, process: mp.process.BaseProcess, link: Link, info: ModelInfo) -> None:
         self.info = info
         self._process = process
-        self._conn = conn
+        self._link: Link | None = link
         self._lock = threading.Lock()
 
     @classmethod
     def start(cls, settings: ServiceSettings, pad_fallback: int | None) -> ProcessRunner:
         """Spawn the child and wait until it has loaded the model; re-raises its load error."""
         ctx = mp.get_context("spawn")
-        conn, child_conn = ctx.Pipe()
+        ours, theirs = socket.socketpair()
         process = ctx.Process(
-            target=_serve, args=(child_conn, settings, pad_fallback), name="reward-model"
+            target=_serve, args=(theirs, settings, pad_fallback), name="reward-model"
         )
         process.start()
-        child_conn.close()  # only the child holds that end now: its exit is our EOF
+        theirs.close()  # only the child holds that end now: its exit is our EOF
+        link = Link(ours)
         try:
-            info = _receive(conn, process)
+            info = _receive(link, process)
         except BaseException:
-            conn.close()
+            link.close()
             _stop(process, timeout_s=10.0)
             raise
         logger.info("model process %d loaded the model", process.pid)
-        return cls(process, conn, info)
+        return cls(process, link, info)
 
     @property
     def pid(self) -> int | None:
@@ -253,49 +243,43 @@ class ProcessRunner:
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32), computed in the child."""
         with self._lock:
-            self._send(seqs)
-            return self._logits()
+            if self._link is None:
+                raise RuntimeError("the model process runs the batching loop; use the batcher")
+            try:
+                self._link.send(("forward", seqs))
+            except OSError as exc:  # a broken pipe: the child is gone
+                raise self.lost() from exc
+            return torch.tensor(_receive(self._link, self._process), dtype=torch.float32)
 
-    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
-        """Like :meth:`forward` for each batch, but all batches are sent before the first result
-        is read when results are small, so the child runs them back to back."""
-        ahead = sum(map(len, batches)) * self.info.num_labels <= _AHEAD_MAX_FLOATS
-        window = len(batches) if ahead else 1
+    def serve(self, limits: BatchLimits) -> socket.socket:
+        """Turn the child into the batching loop; returns the server's end of its link."""
         with self._lock:
-            sent = 0
-            for k in range(len(batches)):
-                while sent < len(batches) and sent - k < window:
-                    self._send(batches[sent])
-                    sent += 1
-                try:
-                    logits = self._logits()
-                except ModelProcessExited:
-                    raise
-                except Exception as exc:  # the child's error for this batch; it goes on
-                    deliver(k, exc)
-                else:
-                    deliver(k, logits)
+            if self._link is None:
+                raise RuntimeError("the batching loop is already running")
+            link, self._link = self._link, None
+            try:
+                link.send(("serve", limits))
+            except OSError as exc:
+                link.close()
+                raise self.lost() from exc
+            return link.detach()
 
-    def _send(self, seqs: Sequence[list[int]]) -> None:
-        try:
-            self._conn.send(seqs)
-        except OSError as exc:  # a broken pipe: the child is gone
-            self._process.join(1.0)
-            raise ModelProcessExited(self._process.exitcode) from exc
-
-    def _logits(self) -> torch.Tensor:
-        return torch.tensor(_receive(self._conn, self._process), dtype=torch.float32)
+    def lost(self) -> BaseException:
+        self._process.join(1.0)  # it is exiting: collect its exit code
+        return ModelProcessExited(self._process.exitcode)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Close the pipe (the child exits when it sees that) and wait for the child."""
-        self._conn.close()
+        """Close the link if this runner still holds it (the child exits when it sees that;
+        once serving, the batcher closes it) and wait for the child."""
+        if self._link is not None:
+            self._link.close()
         _stop(self._process, timeout_s)
 
 
-def _receive(conn: Connection, process: mp.process.BaseProcess) -> Any:
+def _receive(link: Link, process: mp.process.BaseProcess) -> Any:
     """The child's next answer; re-raises the error it sent, or ModelProcessExited."""
     try:
-        kind, payload = conn.recv()
+        kind, payload = link.recv()
     except (EOFError, OSError) as exc:
         process.join(1.0)  # it is exiting: collect its exit code
         raise ModelProcessExited(process.exitcode) from exc
@@ -313,31 +297,27 @@ def _stop(process: mp.process.BaseProcess, timeout_s: float) -> None:
         process.join()
 
 
-def _serve(conn: Connection, settings: ServiceSettings, pad_fallback: int | None) -> None:
-    """The child: load the model, then answer forward requests until the pipe closes."""
+def _serve(sock: socket.socket, settings: ServiceSettings, pad_fallback: int | None) -> None:
+    """The child: load the model, answer forward requests, then run the batching loop when
+    asked to, until the link closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = Link(sock)
     try:
         runner = LocalRunner.load(settings, pad_fallback)
     except Exception as exc:
-        conn.send(("error", _portable(exc)))
+        link.send(("error", portable_error(exc)))
         return
-    conn.send(("ready", runner.info))
+    link.send(("ready", runner.info))
     while True:
         try:
-            seqs = conn.recv()
+            kind, payload = link.recv()
         except EOFError:
             return
+        if kind == "serve":
+            BatchLoop(link, runner.forward, payload).run()
+            return
         try:
-            reply: tuple[str, Any] = ("ok", runner.forward(seqs).tolist())
+            reply: tuple[str, Any] = ("ok", runner.forward(payload).tolist())
         except Exception as exc:
-            reply = ("error", _portable(exc))
-        conn.send(reply)
-
-
-def _portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling, else a RuntimeError with its type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
+            reply = ("error", portable_error(exc))
+        link.send(reply)

@@ -1,14 +1,14 @@
 """The model side of the service: render items to text, tokenize, truncate, run forward passes.
 
-Everything here is synchronous and usable in-process (tests and benchmarks call it directly);
-the batcher runs :meth:`Scorer.forward_each` (a round's batches) in its own thread. The model
-itself sits behind a :class:`~reward_service.runner.Runner`: in a child process by default, or
-in this one.
+Everything here is synchronous and usable in-process (tests and benchmarks call it directly).
+The model itself sits behind a :class:`~reward_service.runner.Runner`: in a child process by
+default, or in this one; :meth:`Scorer.serve` starts the batching loop beside it.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +19,8 @@ from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
-from reward_service.batcher import ForwardCost
-from reward_service.runner import Deliver, Runner, start_runner
+from reward_service.batch_loop import BatchLimits, ForwardCost
+from reward_service.runner import Runner, start_runner
 from reward_service.settings import ServiceSettings
 from reward_service.word_cache import WordCache, special_edges
 
@@ -218,10 +218,10 @@ class Scorer:
         """Head logits ``[len(seqs), num_labels]`` (float32, CPU) of one padded batch."""
         return self.runner.forward(seqs)
 
-    def forward_each(self, batches: Sequence[Sequence[list[int]]], deliver: Deliver) -> None:
-        """Run a round's batches in order, delivering each one's logits (or its error) as it is
-        scored; the model process gets them all at once (:meth:`Runner.forward_each`)."""
-        self.runner.forward_each(batches, deliver)
+    def serve(self, limits: BatchLimits) -> socket.socket:
+        """Start the batching loop beside the model; returns the server's end of its link
+        (:meth:`forward` is for warm-up and measurements, before this)."""
+        return self.runner.serve(limits)
 
     def warmup(self) -> None:
         """One padded forward, so the first request does not pay one-time setup costs."""

@@ -65,23 +65,26 @@ SECRET = "okapi-quartz-marker"  # request texts containing this must never be lo
 MAX_BODY = 1_000_000
 MAX_ITEMS = 64
 
-# The service's own CLI. Fault injection: while the file SLOW_FORWARD_FILE holds a number, each
-# round of forward passes first sleeps that many seconds per pass (a slow model).
+# The service's own CLI, run from a file: the model process (spawned) runs that file again as
+# its main module, so the patch below applies there too. Fault injection: while the file
+# SLOW_FORWARD_FILE holds a number, each forward pass first sleeps that many seconds (a slow
+# model).
 _LAUNCHER = """
 import os, sys, time
-from reward_service.scorer import Scorer
+from reward_service.runner import LocalRunner
 flag = os.environ.get("SLOW_FORWARD_FILE")
 if flag:
-    forward_each = Scorer.forward_each
-    def slow_forward_each(self, batches, deliver):
+    forward = LocalRunner.forward
+    def slow_forward(self, seqs):
         try:
-            time.sleep(float(open(flag).read()) * len(batches))
+            time.sleep(float(open(flag).read()))
         except (OSError, ValueError):
             pass
-        return forward_each(self, batches, deliver)
-    Scorer.forward_each = slow_forward_each
-from reward_service.__main__ import main
-sys.exit(main())
+        return forward(self, seqs)
+    LocalRunner.forward = slow_forward
+if __name__ == "__main__":
+    from reward_service.__main__ import main
+    sys.exit(main())
 """
 
 
@@ -131,10 +134,12 @@ def launch(model: Path, log: Path, *args: str, **env: str) -> Service:
     """Start the service CLI (no --host unless given in ``args``); output to ``log``."""
     port = free_port()
     slow_flag = log.with_suffix(".slow")
+    launcher = log.with_suffix(".py")
+    launcher.write_text(_LAUNCHER)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("REWARD_")}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, "--model", str(model), "--port", str(port), *args],
+            [sys.executable, str(launcher), "--model", str(model), "--port", str(port), *args],
             cwd=ROOT,
             env={
                 **clean,

@@ -29,7 +29,7 @@ from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
 from reward_service.app import ServiceState, create_app
 from reward_service.metrics import ServiceMetrics
-from reward_service.runner import Deliver, ProcessRunner
+from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
 from tests.support import exited_within
@@ -498,28 +498,31 @@ def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path:
 
 
 def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Path) -> None:
-    entered, release = threading.Event(), threading.Event()
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
 
     def loader(settings: ServiceSettings) -> Scorer:
         scorer = Scorer.load(settings)
-        forward_each = scorer.forward_each
+        forward = scorer.runner.forward
 
-        def blocking_forward_each(batches: list[list[list[int]]], deliver: Deliver) -> None:
-            if sum(map(len, batches)) == 4:  # fault injection: this round hangs until released
+        def blocking_forward(seqs: list[list[int]]) -> torch.Tensor:
+            if armed.is_set() and not entered.is_set():  # fault injection: this pass hangs
                 entered.set()
                 release.wait(timeout=30)
-            forward_each(batches, deliver)
+            return forward(seqs)
 
-        scorer.forward_each = blocking_forward_each  # type: ignore[method-assign]
+        scorer.runner.forward = blocking_forward  # type: ignore[method-assign]
         return scorer
 
+    # The model in this process, so that the batching loop runs the patched forward.
     settings = ServiceSettings(
-        model=str(reward_path), max_queue_items=4, max_items_per_request=4, max_wait_ms=0
-    )
+        model=str(reward_path), max_queue_items=4, max_items_per_request=4, max_wait_ms=0,
+        forward_process=False,
+    )  # fmt: skip
     four = {"items": [{"text": f"the movie was great {i}"} for i in range(4)]}
     app = create_app(settings, loader=loader)
     with serve(app) as url:
         wait_ready(url)
+        armed.set()
 
         async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -536,7 +539,8 @@ def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Pat
         assert first.status_code == 200 and second.status_code == 200
         assert_error(third, 429, "queue_full")
         assert int(third.headers["retry-after"]) >= 1
-        httpx.post(f"{url}/score", json=four)  # the queue drained: accepted again
+        again = httpx.post(f"{url}/score", json=four)
+        assert again.status_code == 200  # the queue drained: accepted again
         app.state.service.draining = True  # what SIGTERM does (see the next test)
         assert_error(httpx.get(f"{url}/ready"), 503, "draining")
         assert_error(httpx.post(f"{url}/score", json=four), 503, "draining")

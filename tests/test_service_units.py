@@ -23,14 +23,15 @@ from starlette.types import Receive, Scope, Send
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ScoreRequest
-from reward_service.batcher import (
-    Batcher,
-    Draining,
+from reward_service.batch_loop import (
+    BatchLimits,
+    Forward,
     ForwardCost,
-    QueueFull,
     _fill,
     plan_batches,
+    serve_in_thread,
 )
+from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, format_loc, from_validation_error
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import DirectRoutes
@@ -237,21 +238,48 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         with pytest.raises(IndexError):
             runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
         assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
-        # A round's batches all go down the pipe at once; each result or error comes back in
-        # order, and nothing is left in the pipe for the next call.
-        results: list[tuple[int, torch.Tensor | Exception]] = []
-        runner.forward_each([ids, [[10**6]], ids[1:]], lambda k, r: results.append((k, r)))
-        assert [k for k, _ in results] == [0, 1, 2]
-        assert torch.equal(results[0][1], scorer.forward(ids))  # type: ignore[arg-type]
-        assert isinstance(results[1][1], IndexError)
-        assert torch.equal(results[2][1], scorer.forward(ids[1:]))  # type: ignore[arg-type]
-        assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
         assert runner.pid is not None
         os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
         with pytest.raises(ModelProcessExited, match="exit code -9"):
             runner.forward(ids)
-        with pytest.raises(ModelProcessExited):
-            runner.forward_each([ids, ids], lambda k, r: results.append((k, r)))
+        assert runner.failure() == "the model process exited (exit code -9)"
+    finally:
+        runner.close()
+
+
+def test_batching_loop_in_the_model_process_scores_and_reports_its_exit(
+    scorer: Scorer, reward_path: Path
+) -> None:
+    runner = ProcessRunner.start(ServiceSettings(model=str(reward_path)), scorer.pad_id)
+    texts = generate_corpus(12, seed=9)
+    requests = [scorer.encode(texts[i : i + 3]).ids for i in range(0, 12, 3)]
+    metrics = ServiceMetrics()
+
+    async def run() -> None:
+        limits = BatchLimits(max_batch_size=8, max_batch_tokens=1000, max_wait_s=0.0)
+        link = runner.serve(limits)
+        batcher = await Batcher.connect(
+            link, metrics, limits=limits, max_queue_items=100, lost=runner.lost
+        )
+        with pytest.raises(RuntimeError, match="batching loop"):
+            runner.forward(requests[0])  # the child runs the loop now
+        for _ in range(2):  # a failed forward pass fails its request only; the loop goes on
+            results = await asyncio.gather(*(batcher.score(r) for r in requests))
+            for seqs, rows in zip(requests, results, strict=True):
+                for seq, row in zip(seqs, rows, strict=True):
+                    assert row == pytest.approx(scorer.forward([seq])[0].tolist(), abs=1e-5)
+            with pytest.raises(IndexError):
+                await batcher.score([[10**6]])  # fault injection: an id outside the vocabulary
+        assert metrics.batches._value.get() < 2 * len(requests)  # requests shared passes
+        assert runner.pid is not None
+        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        for _ in range(2):
+            with pytest.raises(ModelProcessExited, match="exit code -9"):
+                await batcher.score(requests[0])
+        await batcher.close(timeout_s=1)
+
+    try:
+        asyncio.run(run())
         assert runner.failure() == "the model process exited (exit code -9)"
     finally:
         runner.close()
@@ -302,6 +330,29 @@ def test_forward_cost_times_batches_within_the_limits_and_stops_at_a_slow_one(
     assert max(n for n, _ in shapes) == 8
 
 
+async def start_batcher(
+    forward: Forward,
+    metrics: ServiceMetrics,
+    *,
+    max_queue_items: int,
+    forward_cost: ForwardCost | None = None,
+    **limits: float,
+) -> Batcher:
+    """A batcher whose loop runs ``forward`` in a thread of this process, as with the model
+    in-process."""
+    batch_limits = BatchLimits(
+        forward_cost=forward_cost or ForwardCost(math.inf, 0.0),
+        **limits,  # type: ignore[arg-type]
+    )
+    return await Batcher.connect(
+        serve_in_thread(forward, batch_limits),
+        metrics,
+        limits=batch_limits,
+        max_queue_items=max_queue_items,
+        lost=lambda: RuntimeError("the batching thread stopped"),
+    )
+
+
 def test_batcher_plans_batches_by_the_forward_cost(scorer: Scorer) -> None:
     short, long = scorer.encode(["good", " ".join(generate_corpus(6, seed=5))]).ids
     request = [short, long] * 4
@@ -312,7 +363,7 @@ def test_batcher_plans_batches_by_the_forward_cost(scorer: Scorer) -> None:
         return scorer.forward(seqs)
 
     async def run(cost: ForwardCost | None) -> list[list[float]]:
-        batcher = Batcher(
+        batcher = await start_batcher(
             forward, ServiceMetrics(), max_batch_size=64, max_batch_tokens=10_000,
             max_wait_s=0.0, max_queue_items=100, forward_cost=cost,
         )  # fmt: skip
@@ -336,7 +387,7 @@ def test_batcher_returns_each_requests_rows_in_order_and_merges_requests(scorer:
     requests = [scorer.encode(texts[i : i + i % 3 + 1]).ids for i in range(12)]
 
     async def run() -> list[list[list[float]]]:
-        batcher = Batcher(
+        batcher = await start_batcher(
             scorer.forward, metrics, max_batch_size=8, max_batch_tokens=1000, max_wait_s=0.0,
             max_queue_items=100,
         )  # fmt: skip
@@ -364,7 +415,7 @@ def test_batcher_queue_limit_and_draining(scorer: Scorer) -> None:
         return scorer.forward(seqs)
 
     async def run() -> None:
-        batcher = Batcher(
+        batcher = await start_batcher(
             held, ServiceMetrics(), max_batch_size=4, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=3,
         )  # fmt: skip
@@ -395,7 +446,7 @@ def test_batcher_reports_a_failed_forward_to_its_requests_only(scorer: Scorer) -
         return scorer.forward(seqs)
 
     async def run() -> None:
-        batcher = Batcher(
+        batcher = await start_batcher(
             failing, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=10,
         )  # fmt: skip
@@ -426,7 +477,7 @@ def test_batcher_splits_rounds_that_waited_longer_than_a_forward_costs(
             await asyncio.sleep(0.01)  # the client's own work before its next request
 
     async def run() -> None:
-        batcher = Batcher(
+        batcher = await start_batcher(
             forward, ServiceMetrics(), max_batch_size=64, max_batch_tokens=10_000,
             max_wait_s=0.5, max_queue_items=100,
             forward_cost=ForwardCost(fixed_s=fixed_s, per_token_s=0.0),
@@ -467,7 +518,7 @@ def test_batcher_thread_runs_batches_and_rounds_back_to_back_while_the_loop_is_b
             ends.append(time.perf_counter())
             return out
 
-        batcher = Batcher(
+        batcher = await start_batcher(
             forward, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=10,
         )  # fmt: skip
@@ -486,13 +537,15 @@ def test_batcher_thread_runs_batches_and_rounds_back_to_back_while_the_loop_is_b
 def test_batcher_drain_timeout_fails_queued_and_running_requests(scorer: Scorer) -> None:
     ids = scorer.encode(["the movie was great ."]).ids
     release = threading.Event()
+    loops: list[threading.Thread] = []
 
     def stuck(seqs: list[list[int]]) -> torch.Tensor:
+        loops.append(threading.current_thread())
         release.wait(10)  # fault injection: a forward pass that hangs
         return scorer.forward(seqs)
 
     async def run() -> None:
-        batcher = Batcher(
+        batcher = await start_batcher(
             stuck, ServiceMetrics(), max_batch_size=1, max_batch_tokens=1000,
             max_wait_s=0.0, max_queue_items=10,
         )  # fmt: skip
@@ -505,6 +558,8 @@ def test_batcher_drain_timeout_fails_queued_and_running_requests(scorer: Scorer)
             with pytest.raises(Draining):
                 await request
         release.set()
-        await batcher.close(timeout_s=5)  # the thread finishes its round and stops
 
     asyncio.run(run())
+    # Released, the loop finishes its forward pass, finds the link closed, and stops.
+    loops[0].join(timeout=5)
+    assert not loops[0].is_alive()
