@@ -62,7 +62,7 @@ from reward_service.settings import ServiceSettings  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- naive server
-def naive_server(model: str, port: int, num_threads: int) -> None:
+def naive_server(model: str, port: int, num_threads: int, compile: bool) -> None:
     """The OpenRLHF ``serve_rm`` pattern: each request is tokenized and scored on its own,
     inside the async handler (so requests are served strictly one after another)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -71,15 +71,22 @@ def naive_server(model: str, port: int, num_threads: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.padding_side = "right"
     net = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
+
+    def score_texts(texts: list[str]) -> list[float]:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        with torch.no_grad():
+            return net(**batch).logits[:, 0].tolist()
+
+    if compile:  # as the service does: dynamic shapes, each shape kind compiled before serving
+        net.compile(dynamic=True)
+        for texts in (["a"], ["a"] * 2, ["a good film ."], ["a good film ."] * 2, ["a", "a b c"]):
+            score_texts(texts)
     app = FastAPI()
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
         texts = [item["text"] for item in (await request.json())["items"]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
-        with torch.no_grad():
-            scores = net(**batch).logits[:, 0].tolist()
-        return JSONResponse({"scores": scores})
+        return JSONResponse({"scores": score_texts(texts)})
 
     @app.get("/ready")
     async def ready() -> dict[str, str]:
@@ -379,11 +386,13 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     with like); then the single-item latencies. One row per request size."""
     texts = make_texts(args.items)
     flags = ["--num-threads", str(args.num_threads), "--max-batch-size", str(args.max_batch_size)]
+    compile_flags = ["--compile"] if args.compile else []
     settings = ServiceSettings(
         model=str(path),
         num_threads=args.num_threads,
         max_batch_size=args.max_batch_size,
         forward_process=False,  # (a) is the model in this process; the service has its own
+        compile=args.compile,
     )
     scorer = Scorer.load(settings)
     scorer.warmup()
@@ -395,10 +404,12 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     service_port, naive_port = free_port(), free_port()
     service_cmd = [sys.executable, "-m", "reward_service", "--model", str(path)]
     naive_cmd = [sys.executable, __file__, "--naive-server", str(path)]
-    service = start([*service_cmd, "--port", str(service_port), "--log-level", "warning", *flags],
-                    service_port)  # fmt: skip
+    service = start([*service_cmd, "--port", str(service_port), "--log-level", "warning", *flags,
+                     *compile_flags], service_port)  # fmt: skip
     try:
-        naive = start([*naive_cmd, "--port", str(naive_port), *flags[:2]], naive_port)
+        naive = start(
+            [*naive_cmd, "--port", str(naive_port), *flags[:2], *compile_flags], naive_port
+        )
     except BaseException:
         stop(service)
         raise
@@ -533,7 +544,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\n{args.clients} concurrent clients ({args.seconds:g} s after {args.warmup:g} s of "
         f"warm-up), {args.items} texts, torch threads "
-        f"{args.num_threads}, max_batch_size {args.max_batch_size}, medians of {args.repeats} "
+        f"{args.num_threads}{' (torch.compile)' if args.compile else ''}, max_batch_size "
+        f"{args.max_batch_size}, medians of {args.repeats} "
         "interleaved rounds\n"
     )
     header = (
@@ -612,6 +624,11 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads (all three)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in (a), (b) (the service's --compile) and (c)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=3,
@@ -632,7 +649,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_server:
-        naive_server(args.naive_server, args.port, args.num_threads)
+        naive_server(args.naive_server, args.port, args.num_threads, args.compile)
         return
     if args.quick:
         args.items, args.repeats, args.latency_n, args.seconds = 512, 2, 50, 1.5

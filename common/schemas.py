@@ -119,6 +119,7 @@ class InfoResponse(BaseModel):
     max_batch_tokens: int
     max_items_per_request: int
     has_chat_template: bool
+    compiled: bool = Field(default=False, description="Whether the model runs torch.compile'd.")
     # Optional, so that a client also reads /info from a service older than these fields.
     forward_fixed_ms: float | None = Field(
         default=None,

@@ -17,6 +17,7 @@ import multiprocessing as mp
 import signal
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,11 @@ class Runner(Protocol):
 
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits of one padded batch (warm-up and measurements, before :meth:`serve`)."""
+        ...
+
+    def time_forward(self, seqs: Sequence[list[int]]) -> float:
+        """Seconds one forward pass of ``seqs`` takes where the model runs (not counting the
+        link to it), before :meth:`serve`."""
         ...
 
     def serve(self, limits: BatchLimits) -> socket.socket:
@@ -152,6 +158,10 @@ class LocalRunner:
         dtype = "auto" if settings.dtype == "auto" else _DTYPES[settings.dtype]
         model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype)
         model.to(device).eval()
+        if settings.compile:
+            # Dynamic shapes: one graph for every batch size and length, plus the shapes with a
+            # 1 in them, which dynamo specializes (the warm-up runs each kind).
+            model.compile(dynamic=True)
         text_config = model.config.get_text_config()
         if text_config.pad_token_id is None:
             if pad_fallback is None:
@@ -182,6 +192,11 @@ class LocalRunner:
         device = self.model.device
         out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         return out.logits.float().cpu()
+
+    def time_forward(self, seqs: Sequence[list[int]]) -> float:
+        start = time.perf_counter()
+        self.forward(seqs)
+        return time.perf_counter() - start
 
     def serve(self, limits: BatchLimits) -> socket.socket:
         """The batching loop in a thread of this process (see :func:`serve_in_thread`)."""
@@ -242,14 +257,21 @@ class ProcessRunner:
 
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32), computed in the child."""
+        return torch.tensor(self._ask("forward", seqs), dtype=torch.float32)
+
+    def time_forward(self, seqs: Sequence[list[int]]) -> float:
+        return float(self._ask("time_forward", seqs))
+
+    def _ask(self, kind: str, seqs: Sequence[list[int]]) -> Any:
+        """The child's answer to one request (before :meth:`serve`)."""
         with self._lock:
             if self._link is None:
                 raise RuntimeError("the model process runs the batching loop; use the batcher")
             try:
-                self._link.send(("forward", seqs))
+                self._link.send((kind, seqs))
             except OSError as exc:  # a broken pipe: the child is gone
                 raise self.lost() from exc
-            return torch.tensor(_receive(self._link, self._process), dtype=torch.float32)
+            return _receive(self._link, self._process)
 
     def serve(self, limits: BatchLimits) -> socket.socket:
         """Turn the child into the batching loop; returns the server's end of its link."""
@@ -317,7 +339,10 @@ def _serve(sock: socket.socket, settings: ServiceSettings, pad_fallback: int | N
             BatchLoop(link, runner.forward, payload).run()
             return
         try:
-            reply: tuple[str, Any] = ("ok", runner.forward(payload).tolist())
+            if kind == "time_forward":
+                reply: tuple[str, Any] = ("ok", runner.time_forward(payload))
+            else:
+                reply = ("ok", runner.forward(payload).tolist())
         except Exception as exc:
             reply = ("error", portable_error(exc))
         link.send(reply)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -224,9 +223,11 @@ class Scorer:
         return self.runner.serve(limits)
 
     def warmup(self) -> None:
-        """One padded forward, so the first request does not pay one-time setup costs."""
+        """Forward passes of each shape kind (one item or several, one token or more, padded or
+        not), so that no request pays a one-time cost (with ``compile``: a compilation)."""
         ids = self._tokenize(["a slightly longer warm-up text"], True)[0][: self.max_length]
-        self.forward([ids[:2], ids])  # two lengths: the padded path runs too
+        for batch in ([ids[:1]], [ids[:1]] * 2, [ids], [ids] * 2, [ids[:2], ids]):
+            self.forward(batch)
 
     def forward_cost(
         self,
@@ -236,13 +237,15 @@ class Scorer:
         slow_s: float = 0.25,
     ) -> ForwardCost:
         """What a forward pass costs, fitted as fixed + per padded token: the line through the
-        fastest timings of one short item (4 x ``repeats``: cheap, and the noisier, being mostly
-        the hand-off to the model) and of a full batch (``repeats``; ``max_batch_size`` items of
-        64 ids, within ``max_batch_tokens``). The fixed part (launches, the pipe, Python) is what
-        a batch costs whatever its size. The per-token part is the full batch's, since on a CPU
-        it grows with the batch and it is the big batches' cost that decides whether to cut
-        them. The batch grows 4x at a time from 4 items, stopping early at one whose forward
-        takes over ``slow_s`` (a large model on a CPU)."""
+        fastest timings of one short item (4 x ``repeats``: cheap, and the noisier) and of a
+        full batch (``repeats``; ``max_batch_size`` items of 64 ids, within
+        ``max_batch_tokens``). Each pass is timed where the model runs, since the batching loop
+        runs there too and a round's batches follow each other without crossing the link. The
+        fixed part (launches, Python) is what a batch costs whatever its size. The per-token
+        part is the full batch's, since on a CPU it grows with the batch and it is the big
+        batches' cost that decides whether to cut them. The batch grows 4x at a time from 4
+        items, stopping early at one whose forward takes over ``slow_s`` (a large model on a
+        CPU)."""
         ids = self._tokenize(["a text of many words " * 32], True)[0][: self.max_length]
         short, long = ids[:16], ids[:64]
         cap = max(1, min(max_batch_size, max_batch_tokens // len(long)))
@@ -257,12 +260,7 @@ class Scorer:
 
     def _fastest(self, batch: list[list[int]], repeats: int) -> float:
         """The fastest of ``repeats`` forwards of ``batch``, in seconds."""
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.forward(batch)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(self.runner.time_forward(batch) for _ in range(repeats))
 
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)

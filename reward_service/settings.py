@@ -73,6 +73,12 @@ class ServiceSettings(BaseSettings):
         description="Run the model in a child process of its own, so forward passes and the "
         "HTTP event loop never wait for each other's GIL. Off: in a thread of the server.",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model (dynamic shapes) at load: start-up takes longer "
+        "(the warm-up compiles), each forward pass has less framework overhead, which small "
+        "models and small batches feel most.",
+    )
     drain_timeout_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish."
     )

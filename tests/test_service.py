@@ -238,6 +238,7 @@ def test_info_health_ready_metrics_docs(client: httpx.Client, reward_path: Path)
         "float32", "cpu", 256, "left",
     )  # fmt: skip
     assert info.has_chat_template and info.max_items_per_request == 32
+    assert not info.compiled
     assert info.forward_fixed_ms and info.forward_fixed_ms > 0  # fitted at warm-up
     assert info.forward_per_token_us and info.forward_per_token_us > 0
     assert client.get("/health").json() == {"status": "ok"}

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
+from torch._dynamo.utils import counters
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ScoreRequest
@@ -225,6 +226,21 @@ def test_scorer_forward_builds_no_kv_cache(scorer: Scorer) -> None:
     assert torch.equal(out.logits, scorer.forward(ids))
 
 
+def test_compiled_model_scores_like_the_eager_one_and_compiles_only_at_warm_up(
+    scorer: Scorer, reward_path: Path
+) -> None:
+    settings = ServiceSettings(model=str(reward_path), forward_process=False, compile=True)
+    compiled = Scorer.load(settings)
+    compiled.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    ids = scorer.encode(generate_corpus(20, seed=4)).ids
+    # Batch sizes and lengths the warm-up never ran, padded or not, one token or more.
+    for batch in (ids[:3], ids[3:10], [ids[0][:1]], [seq[:1] for seq in ids[:5]], ids[-1:]):
+        assert torch.allclose(compiled.forward(batch), scorer.forward(batch), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up
+
+
 def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
     scorer: Scorer, reward_path: Path
 ) -> None:
@@ -234,6 +250,7 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         assert runner.info == scorer.runner.info and runner.failure() is None
         ids = scorer.encode(["the movie was great .", "dull", "an awful , boring plot"]).ids
         assert torch.equal(runner.forward(ids), scorer.forward(ids))
+        assert 0 < runner.time_forward(ids) < 10  # timed in the child
         # An error in the child comes back as itself, and the child keeps serving.
         with pytest.raises(IndexError):
             runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
@@ -303,7 +320,7 @@ def test_forward_cost_fits_the_fixed_and_per_token_parts_of_a_forward_pass(
         time.sleep(0.020 + 0.0001 * len(seqs) * max(len(s) for s in seqs))
         return torch.zeros(len(seqs), 1)
 
-    monkeypatch.setattr(scorer, "forward", forward)
+    monkeypatch.setattr(scorer.runner, "forward", forward)
     cost = scorer.forward_cost(max_batch_size=8, max_batch_tokens=10_000, repeats=3)
     assert cost.fixed_s == pytest.approx(0.020, abs=0.005)
     assert cost.per_token_s == pytest.approx(0.0001, rel=0.3)
@@ -321,7 +338,7 @@ def test_forward_cost_times_batches_within_the_limits_and_stops_at_a_slow_one(
         time.sleep(0.001 + 1e-4 * len(seqs) * max(len(s) for s in seqs) / 1.024)
         return torch.zeros(len(seqs), 1)
 
-    monkeypatch.setattr(scorer, "forward", forward)
+    monkeypatch.setattr(scorer.runner, "forward", forward)
     scorer.forward_cost(max_batch_size=1024, max_batch_tokens=1_000_000, slow_s=0.05, repeats=2)
     assert max(n for n, _ in shapes) == 16  # 4 items (26 ms) grow to 16 (101 ms): too slow
     shapes.clear()
