@@ -16,7 +16,7 @@ import math
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from reward_service.batch_loop import BatchLimits, ForwardCost
 from reward_service.link import FrameReader, frame
@@ -117,6 +117,7 @@ class Batcher(asyncio.Protocol):
         except asyncio.CancelledError:
             if self._jobs.pop(job_id, None) is not None:  # its handler is gone: skip the work
                 self._leave_queue(job)
+                self._metrics.queue_depth.set(self._queued)
                 if not self._transport.is_closing():
                     self._transport.write(frame(("cancel", job_id)))
             raise
@@ -166,7 +167,11 @@ class Batcher(asyncio.Protocol):
                 self._leave_queue(job)
                 self._metrics.queue_wait_seconds.observe(waited_s)
 
-    def _scored(self, done: Sequence[tuple[int, list[list[float]]]], batch: Any) -> None:
+    def _scored(
+        self,
+        done: Sequence[tuple[int, list[list[float]]]],
+        batch: tuple[int, int, int, float],
+    ) -> None:
         size, tokens, padded_tokens, seconds = batch
         self._metrics.observe_batch(size, tokens, padded_tokens, seconds)
         self._items_per_s = 0.8 * self._items_per_s + 0.2 * size / max(seconds, 1e-6)
