@@ -62,7 +62,7 @@ from reward_service.settings import ServiceSettings  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- naive server
-def naive_server(model: str, port: int, num_threads: int, compile: bool) -> None:
+def naive_server(model: str, port: int, num_threads: int, compiled: bool) -> None:
     """The OpenRLHF ``serve_rm`` pattern: each request is tokenized and scored on its own,
     inside the async handler (so requests are served strictly one after another)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -77,7 +77,7 @@ def naive_server(model: str, port: int, num_threads: int, compile: bool) -> None
         with torch.no_grad():
             return net(**batch).logits[:, 0].tolist()
 
-    if compile:  # as the service does: dynamic shapes, each shape kind compiled before serving
+    if compiled:  # as the service does: dynamic shapes, each shape kind compiled before serving
         net.compile(dynamic=True)
         for texts in (["a"], ["a"] * 2, ["a good film ."], ["a good film ."] * 2, ["a", "a b c"]):
             score_texts(texts)

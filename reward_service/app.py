@@ -259,8 +259,8 @@ def create_app(settings: ServiceSettings, *, loader: Loader = Scorer.load) -> Fa
                 max_items_per_request=settings.max_items_per_request,
                 has_chat_template=scorer.has_chat_template,
                 compiled=settings.compile,
-                forward_fixed_ms=batcher.forward_cost.fixed_s * 1e3,
-                forward_per_token_us=batcher.forward_cost.per_token_s * 1e6,
+                forward_fixed_ms=batcher.limits.forward_cost.fixed_s * 1e3,
+                forward_per_token_us=batcher.limits.forward_cost.per_token_s * 1e6,
             ).model_dump(mode="json")
         )
 

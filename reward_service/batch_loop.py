@@ -165,8 +165,8 @@ class _Job:
     id: int
     seqs: list[list[int]]
     received_at: float
-    results: list[list[float]] = field(default_factory=list)
-    remaining: int = 0
+    results: list[list[float]] = field(init=False)
+    remaining: int = field(init=False)
     taken: bool = False
     settled: bool = False
 

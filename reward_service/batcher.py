@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from reward_service.batch_loop import BatchLimits, ForwardCost
+from reward_service.batch_loop import BatchLimits
 from reward_service.link import FrameReader, frame
 from reward_service.metrics import ServiceMetrics
 
@@ -92,10 +92,6 @@ class Batcher(asyncio.Protocol):
         batcher = cls(metrics, limits=limits, max_queue_items=max_queue_items, lost=lost)
         await asyncio.get_running_loop().create_unix_connection(lambda: batcher, sock=sock)
         return batcher
-
-    @property
-    def forward_cost(self) -> ForwardCost:
-        return self.limits.forward_cost
 
     async def score(self, seqs: list[list[int]]) -> list[list[float]]:
         """Head logits of each sequence, in order, once their micro-batches have run."""
