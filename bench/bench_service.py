@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,9 @@ async def _throughput(
     seconds: float,
     scored_items: bool,
     server_pid: int | None = None,
-) -> tuple[float, float | None, dict[str, float] | None]:
-    """Steady-state items/s, mean batch size and CPU time per item: every client sends the
+) -> tuple[Throughput, dict[str, float] | None]:
+    """Steady-state throughput (items/s, mean batch, padded tokens per item) and CPU time per
+    item: every client sends the
     requests (in turn, round and round) back to back, and only a window of ``seconds`` after
     ``warmup_s`` counts, so neither the ramp-up nor the drain does.
 
@@ -188,7 +190,7 @@ async def _throughput(
     last of its items, spread over the length-sorted batches of a round, is scored), so
     counting responses would quantize the figure by a whole round. Without (the naive server,
     one forward per request; it has no /metrics, and a request for it would queue behind the
-    load), the items of the responses that arrive in the window count; its mean batch is None.
+    load), the items of the responses that arrive in the window count.
 
     With ``server_pid`` (and ``scored_items``), the CPU microseconds per item that the server
     process, its children (the model process) and this one (the clients) spent in the window.
@@ -209,7 +211,7 @@ async def _throughput(
             if t0 <= time.perf_counter() <= t1:
                 answered += n
 
-    async def snapshot(at: float) -> tuple[float, tuple[float, float], tuple[float, ...]]:
+    async def snapshot(at: float) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
         await asyncio.sleep(at - time.perf_counter())
         # Both readings in a thread: the clients' event loop keeps running meanwhile.
         stats, cpu = await asyncio.to_thread(
@@ -217,21 +219,22 @@ async def _throughput(
         )
         return time.perf_counter(), stats, cpu
 
-    async def scored() -> tuple[float, float, dict[str, float] | None]:
+    async def scored() -> tuple[Throughput, dict[str, float] | None]:
         (start, before, cpu0), (end, after, cpu1) = await snapshot(t0), await snapshot(t1)
-        items, batches = after[0] - before[0], after[1] - before[1]
+        items, batches, padded = (b - a for a, b in zip(before, after, strict=True))
         cpu = None
         if server_pid is not None:
             used = [(b - a) / max(items, 1) * 1e6 for a, b in zip(cpu0, cpu1, strict=True)]
             cpu = dict(zip(("server", "model", "client"), used, strict=True))
-        return items / (end - start), items / max(batches, 1), cpu
+        n = max(items, 1)
+        return Throughput(items / (end - start), items / max(batches, 1), padded / n), cpu
 
     clients_done = asyncio.gather(*(worker(c) for c in conns))
     if scored_items:
         _, result = await asyncio.gather(clients_done, scored())
     else:
         await clients_done
-        result = (answered / seconds, None, None)
+        result = (Throughput(answered / seconds), None)
     for conn in conns:
         conn.close()
     return result
@@ -244,9 +247,9 @@ def http_items_per_s(
     args: argparse.Namespace,
     scored_items: bool = True,
     server_pid: int | None = None,
-) -> tuple[float, float | None, dict[str, float] | None]:
-    """Steady-state items/s of a server under ``args.clients`` clients, its mean batch and
-    the CPU time per item (see :func:`_throughput`)."""
+) -> tuple[Throughput, dict[str, float] | None]:
+    """Steady-state throughput of a server under ``args.clients`` clients and the CPU time
+    per item (see :func:`_throughput`)."""
     requests = bodies(texts, per_request)
     return asyncio.run(
         _throughput(
@@ -316,6 +319,16 @@ def p50_ms(fn: Callable[[], object], n: int) -> float:
     return statistics.median(times) * 1e3
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """Items per second, with the mean items and padded tokens per item of the forward passes
+    that scored them (None where unknown: the naive server reports neither)."""
+
+    items_per_s: float
+    mean_batch: float | None = None
+    padded_per_item: float | None = None
+
+
 def in_process_items_per_s(
     scorer: Scorer,
     texts: Sequence[str],
@@ -323,7 +336,7 @@ def in_process_items_per_s(
     cost: ForwardCost,
     window: int | None,
     seconds: float,
-) -> float:
+) -> Throughput:
     """Items/s of tokenize + forward in-process, no HTTP, in micro-batches planned as the
     service plans them (its limits; ``cost``, the in-process forward's fitted cost), passing
     over the texts again until ``seconds`` have passed (as long as an HTTP run, so that both
@@ -335,7 +348,7 @@ def in_process_items_per_s(
     service can do (shown for reference).
     """
     step = window or len(texts)
-    done = 0
+    done = batches = padded = 0
     start_t = time.perf_counter()
     while True:  # at least one pass
         for start in range(0, len(texts), step):
@@ -344,10 +357,12 @@ def in_process_items_per_s(
             plan = plan_batches(lengths, s.max_batch_size, s.max_batch_tokens, cost.fixed_tokens)
             for batch in plan:
                 scorer.forward([ids[i] for i in batch])
+                padded += len(batch) * max(lengths[i] for i in batch)
             done += len(ids)
+            batches += len(plan)
         elapsed = time.perf_counter() - start_t
         if elapsed >= seconds:
-            return done / elapsed
+            return Throughput(done / elapsed, done / batches, padded / done)
 
 
 # ----------------------------------------------------------------------------- models, texts
@@ -381,9 +396,10 @@ def n_params(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- main
 def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Start both servers; for each request size interleave (a), (a*), (b), (c) ``repeats``
-    times and keep medians (the machine's speed drifts, so side-by-side rounds compare like
-    with like); then the single-item latencies. One row per request size."""
+    """Start both servers; for each request size interleave (a), (b), (a) again, (c), (a*)
+    and (a½) ``repeats`` times and keep medians (the machine's speed drifts, so side-by-side
+    rounds compare like with like); then the single-item latencies. One row per request
+    size."""
     texts = make_texts(args.items)
     flags = ["--num-threads", str(args.num_threads), "--max-batch-size", str(args.max_batch_size)]
     compile_flags = ["--compile"] if args.compile else []
@@ -440,6 +456,10 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                     "service_items_per_s": med(rounds["b"]),
                     "naive_items_per_s": med(rounds["c"]),
                     "service_mean_batch": med(rounds["batch"]),
+                    "inproc_mean_batch": med(rounds["a_batch"]),
+                    # Padded tokens per item scored: what sorting a window by length saves.
+                    "inproc_padded_per_item": med(rounds["a_padded"]),
+                    "service_padded_per_item": med(rounds["b_padded"]),
                     # CPU per item: (a) runs on one thread, busy throughout.
                     "inproc_cpu_us_per_item": med(1e6 / a for a in rounds["a"]),
                     "service_cpu_us_per_item": {
@@ -450,6 +470,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                         _ratios(rounds["cpu_model"], [1e6 / b for b in rounds["b"]])
                     ),
                     "b_over_a": med(_ratios(rounds["b"], rounds["a"])),
+                    "b_over_a_min": min(_ratios(rounds["b"], rounds["a"])),
+                    "b_over_a_max": max(_ratios(rounds["b"], rounds["a"])),
                     "b_over_a_global": med(_ratios(rounds["b"], rounds["a_global"])),
                     "b_over_a_half": med(_ratios(rounds["b"], rounds["a_half"])),
                     "b_over_c": med(_ratios(rounds["b"], rounds["c"])),
@@ -496,27 +518,36 @@ def _throughput_rounds(
     naive_port: int,
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
+    """Per round: (a) just before and just after (b), so that (b) is compared with the
+    machine it met (the round's (a) is the mean of the two); then (c), (a*) and (a½)."""
+
+    def inproc(window: int | None) -> Throughput:
+        return in_process_items_per_s(scorer, texts, settings, cost, window, args.seconds)
+
     in_process_items_per_s(scorer, texts[: window * 2], settings, cost, window, 0)  # warm-up
-    keys = ("a", "a_global", "a_half", "b", "c", "batch", "cpu_server", "cpu_model", "cpu_client")
+    keys = (
+        "a", "a_global", "a_half", "b", "c", "a_batch", "a_padded", "batch", "b_padded",
+        "cpu_server", "cpu_model", "cpu_client",
+    )  # fmt: skip
     rounds: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(args.repeats):
-        a = in_process_items_per_s(scorer, texts, settings, cost, window, args.seconds)
-        rounds["a"].append(a)
-        rounds["a_global"].append(
-            in_process_items_per_s(scorer, texts, settings, cost, None, args.seconds)
-        )
-        rounds["a_half"].append(
-            in_process_items_per_s(scorer, texts, settings, cost, max(1, window // 2), args.seconds)
-        )
-        served, mean_batch, cpu = http_items_per_s(
+        before = inproc(window)
+        served, cpu = http_items_per_s(
             service_port, texts, per_request, args, server_pid=service.pid
         )
-        rounds["b"].append(served)
-        rounds["batch"].append(mean_batch or 0.0)
+        after = inproc(window)
+        rounds["a"].append((before.items_per_s + after.items_per_s) / 2)
+        rounds["a_batch"].append(before.mean_batch or 0.0)
+        rounds["a_padded"].append(before.padded_per_item or 0.0)
+        rounds["b"].append(served.items_per_s)
+        rounds["batch"].append(served.mean_batch or 0.0)
+        rounds["b_padded"].append(served.padded_per_item or 0.0)
         for part, us in (cpu or {}).items():
             rounds[f"cpu_{part}"].append(us)
-        naive = http_items_per_s(naive_port, texts, per_request, args, scored_items=False)
-        rounds["c"].append(naive[0])
+        naive, _ = http_items_per_s(naive_port, texts, per_request, args, scored_items=False)
+        rounds["c"].append(naive.items_per_s)
+        rounds["a_global"].append(inproc(None).items_per_s)
+        rounds["a_half"].append(inproc(max(1, window // 2)).items_per_s)
     return rounds
 
 
@@ -528,8 +559,8 @@ def _ratios(
     return [op(x, y) for x, y in zip(xs, ys, strict=True)]
 
 
-def _batch_stats(port: int) -> tuple[float, float]:
-    """(items, forward passes) so far, from the service's /metrics."""
+def _batch_stats(port: int) -> tuple[float, float, float]:
+    """(items, forward passes, padded tokens) so far, from the service's /metrics."""
     response = httpx.get(f"http://127.0.0.1:{port}/metrics")
     response.raise_for_status()
     values = {}
@@ -537,7 +568,11 @@ def _batch_stats(port: int) -> tuple[float, float]:
         if not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
-    return values.get("reward_batch_size_sum", 0.0), values.get("reward_batch_size_count", 0.0)
+    return (
+        values.get("reward_batch_size_sum", 0.0),
+        values.get("reward_batch_size_count", 0.0),
+        values.get("reward_batch_tokens_sum", 0.0),
+    )
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -550,8 +585,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     header = (
         "| model | params | items/request | (a) in-process | (a*) global sort | "
-        "(a½) half windows | (b) service | (c) naive | (b)/(a) | (b)/(a*) | (b)/(a½) | (b)/(c) | "
-        "(a)/(c) | mean batch |"
+        "(a½) half windows | (b) service | (c) naive | (b)/(a) | (b)/(a) per round | (b)/(a*) | "
+        "(b)/(a½) | (b)/(c) | (a)/(c) | mean batch (a) / (b) | padded tokens per item (a) / (b) |"
     )
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")
@@ -561,9 +596,10 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['inproc_items_per_s']:.0f}/s | {r['inproc_global_sort_items_per_s']:.0f}/s | "
             f"{r['inproc_half_window_items_per_s']:.0f}/s | "
             f"{r['service_items_per_s']:.0f}/s | {r['naive_items_per_s']:.0f}/s | "
-            f"{r['b_over_a']:.2f} | {r['b_over_a_global']:.2f} | {r['b_over_a_half']:.2f} | "
-            f"{r['b_over_c']:.2f} | "
-            f"{r['a_over_c']:.2f} | {r['service_mean_batch']:.1f} |"
+            f"{r['b_over_a']:.2f} | {r['b_over_a_min']:.2f}–{r['b_over_a_max']:.2f} | "
+            f"{r['b_over_a_global']:.2f} | {r['b_over_a_half']:.2f} | {r['b_over_c']:.2f} | "
+            f"{r['a_over_c']:.2f} | {r['inproc_mean_batch']:.1f} / {r['service_mean_batch']:.1f} | "
+            f"{r['inproc_padded_per_item']:.1f} / {r['service_padded_per_item']:.1f} |"
         )
     header = (
         "| model | in-process 1-item p50 | /score 1-item p50 | overhead | /score p50 via httpx | "
@@ -631,7 +667,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=3,
+        default=5,
         help="interleaved rounds of each measurement; medians are kept",
     )
     parser.add_argument("--latency-n", type=int, default=200)
