@@ -5,10 +5,12 @@ in one run, on the same texts:
 
 (a) in-process: tokenize + length-sorted batched forwards, no HTTP (the limit), over windows of
     the texts as they are in flight (clients x items per request: all the service can ever
-    batch together); (a*) the same over the whole set sorted at once, for reference; (a½) the
-    same over windows of half that: what each of two alternating halves of the clients has in
-    flight, which is what a service whose forward overlaps the other half's HTTP work batches
-    per round (a diagnostic, not a target: it shows whether rounds of that size cost (b) much);
+    batch together), planned into batches as the service plans them (its limits and the
+    forward cost it fitted), timed just before and just after each (b); (a*) the same over
+    the whole set sorted at once, for reference; (a½) the same over windows of half that: what
+    each of two alternating halves of the clients has in flight, which is what a service whose
+    forward overlaps the other half's HTTP work batches per round (a diagnostic, not a target:
+    it shows whether rounds of that size cost (b) much);
 (b) the real service (``python -m reward_service``) under N concurrent clients, each sending
     its next request as soon as it has the answer, in steady state (a timed window after a
     warm-up, so neither the ramp-up nor the drain counts);
@@ -338,7 +340,7 @@ def in_process_items_per_s(
     seconds: float,
 ) -> Throughput:
     """Items/s of tokenize + forward in-process, no HTTP, in micro-batches planned as the
-    service plans them (its limits; ``cost``, the in-process forward's fitted cost), passing
+    service plans them (its limits and ``cost``, the forward cost it fitted), passing
     over the texts again until ``seconds`` have passed (as long as an HTTP run, so that both
     meet the same machine).
 
@@ -412,7 +414,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     )
     scorer = Scorer.load(settings)
     scorer.warmup()
-    # What the service measures at its warm-up, in-process.
+    # What the service measures at its warm-up, here in-process (reported beside the service's).
     cost = scorer.forward_cost(settings.max_batch_size, settings.max_batch_tokens)
     probe = texts[0]
     params = n_params(path)
@@ -431,12 +433,14 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
         raise
     rows = []
     try:
-        # The cost the service fitted at its own warm-up (through its pipe), beside (a)'s.
+        # (a) plans with the cost the service fitted at its own warm-up, so that both sides
+        # cut the same pools into the same batches (the fit moves by ±30 % between processes).
         info = httpx.get(f"http://127.0.0.1:{service_port}/info", timeout=10).json()
+        plan_cost = ForwardCost(info["forward_fixed_ms"] / 1e3, info["forward_per_token_us"] / 1e6)
         for per_request in args.per_request:
             window = args.clients * per_request
             rounds = _throughput_rounds(
-                scorer, settings, cost, texts, per_request, window, service, service_port,
+                scorer, settings, plan_cost, texts, per_request, window, service, service_port,
                 naive_port, args,
             )  # fmt: skip
             med = statistics.median
@@ -632,12 +636,15 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "server, its model process and the clients. (b)/(a) = the model process's busy share x "
         "(a)'s CPU per item / the model process's."
     )
-    print("\nforward cost fitted at warm-up (fixed + per padded token; it sets the plans):")
+    print(
+        "\nforward cost fitted at warm-up (fixed + per padded token); the service's sets the "
+        "plans of (a) and (b):"
+    )
     for r in {r["model"]: r for r in rows}.values():
         print(
-            f"  {r['model']}: in-process (a) {r['inproc_forward_fixed_ms']:.2f} ms + "
-            f"{r['inproc_forward_per_token_us']:.1f} us, service (b) "
-            f"{r['service_forward_fixed_ms']:.2f} ms + {r['service_forward_per_token_us']:.1f} us"
+            f"  {r['model']}: service {r['service_forward_fixed_ms']:.2f} ms + "
+            f"{r['service_forward_per_token_us']:.1f} us (in-process here: "
+            f"{r['inproc_forward_fixed_ms']:.2f} ms + {r['inproc_forward_per_token_us']:.1f} us)"
         )
     print(
         "\ntargets: (b)/(a) >= 0.9, (b)/(c) >= 3, overhead <= 2 ms; (a)/(c) is the most any "
