@@ -167,6 +167,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 # ----------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class Throughput:
+    """Items per second, with the mean items and padded tokens per item of the forward passes
+    that scored them (None where unknown: the naive server reports neither)."""
+
+    items_per_s: float
+    mean_batch: float | None = None
+    padded_per_item: float | None = None
+
+
 def bodies(texts: Sequence[str], per_request: int) -> list[tuple[bytes, int]]:
     """``/score`` bodies of ``per_request`` texts each, with their item counts."""
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
@@ -183,9 +193,8 @@ async def _throughput(
     server_pid: int | None = None,
 ) -> tuple[Throughput, dict[str, float] | None]:
     """Steady-state throughput (items/s, mean batch, padded tokens per item) and CPU time per
-    item: every client sends the
-    requests (in turn, round and round) back to back, and only a window of ``seconds`` after
-    ``warmup_s`` counts, so neither the ramp-up nor the drain does.
+    item: every client sends the requests (in turn, round and round) back to back, and only a
+    window of ``seconds`` after ``warmup_s`` counts, so neither the ramp-up nor the drain does.
 
     With ``scored_items`` (the service), the items its forward passes scored in the window,
     read from its ``/metrics``, count: responses come in bursts (a request is answered when the
@@ -321,16 +330,6 @@ def p50_ms(fn: Callable[[], object], n: int) -> float:
     return statistics.median(times) * 1e3
 
 
-@dataclass(frozen=True)
-class Throughput:
-    """Items per second, with the mean items and padded tokens per item of the forward passes
-    that scored them (None where unknown: the naive server reports neither)."""
-
-    items_per_s: float
-    mean_batch: float | None = None
-    padded_per_item: float | None = None
-
-
 def in_process_items_per_s(
     scorer: Scorer,
     texts: Sequence[str],
@@ -434,7 +433,8 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
     rows = []
     try:
         # (a) plans with the cost the service fitted at its own warm-up, so that both sides
-        # cut the same pools into the same batches (the fit moves by ±30 % between processes).
+        # cut the same pools into the same batches (the fit moves between processes: 5-15 us
+        # per padded token for the demo model).
         info = httpx.get(f"http://127.0.0.1:{service_port}/info", timeout=10).json()
         plan_cost = ForwardCost(info["forward_fixed_ms"] / 1e3, info["forward_per_token_us"] / 1e6)
         for per_request in args.per_request:
