@@ -287,8 +287,7 @@ class ProcessRunner:
             return link.detach()
 
     def lost(self) -> BaseException:
-        self._process.join(1.0)  # it is exiting: collect its exit code
-        return ModelProcessExited(self._process.exitcode)
+        return _exited(self._process)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close the link if this runner still holds it (the child exits when it sees that;
@@ -303,11 +302,16 @@ def _receive(link: Link, process: mp.process.BaseProcess) -> Any:
     try:
         kind, payload = link.recv()
     except (EOFError, OSError) as exc:
-        process.join(1.0)  # it is exiting: collect its exit code
-        raise ModelProcessExited(process.exitcode) from exc
+        raise _exited(process) from exc
     if kind == "error":
         raise payload
     return payload
+
+
+def _exited(process: mp.process.BaseProcess) -> ModelProcessExited:
+    """The error for a child whose link broke: it is exiting, so wait briefly for its exit code."""
+    process.join(1.0)
+    return ModelProcessExited(process.exitcode)
 
 
 def _stop(process: mp.process.BaseProcess, timeout_s: float) -> None:
