@@ -157,6 +157,28 @@ def client(service: str) -> Iterator[httpx.Client]:
         yield c
 
 
+class HangingForward:
+    """Fault injection: once ``armed``, the next forward pass (``entered``) hangs until
+    ``release``. Pass ``loader`` to ``create_app`` with ``forward_process=False``: the model
+    must run in this process for the batching loop to run the patched forward."""
+
+    def __init__(self) -> None:
+        self.armed, self.entered, self.release = (threading.Event() for _ in range(3))
+
+    def loader(self, settings: ServiceSettings) -> Scorer:
+        scorer = Scorer.load(settings)
+        forward = scorer.runner.forward
+
+        def hanging_forward(seqs: list[list[int]]) -> torch.Tensor:
+            if self.armed.is_set() and not self.entered.is_set():
+                self.entered.set()
+                self.release.wait(timeout=30)
+            return forward(seqs)
+
+        scorer.runner.forward = hanging_forward  # type: ignore[method-assign]
+        return scorer
+
+
 def score(client: httpx.Client, items: list[dict], **extra: object) -> ScoreResponse:
     response = client.post("/score", json={"items": items, **extra})
     assert response.status_code == 200, response.text
@@ -281,13 +303,50 @@ def test_concurrent_clients_are_merged_into_batches(
     for pairs in results:
         for text, got in pairs:
             assert got == pytest.approx(expected[text], abs=1e-5)
-    n_requests = n_clients * rounds
     batches = metric(service, "reward_batches_total") - batches_before
     items = metric(service, "reward_batch_size_sum") - items_before
+    n_requests = n_clients * rounds
     assert items == n_requests * per_request
-    # Requests shared forward passes (less so on a loaded machine, where clients trickle in).
-    assert batches <= 0.75 * n_requests
-    assert items / batches > 1.3 * per_request
+    # How many requests meet in a pass depends on how fast the clients (in this process, on
+    # the same cores) come back: 16-35 passes here, 49 once on a loaded CI machine, 64 without
+    # merging. The next test makes the merge certain.
+    assert batches < n_requests
+
+
+def test_requests_queued_during_a_pass_share_the_next(reward_path: Path, ref: Reference) -> None:
+    # 32 texts of one token length: no plan would split them for padding.
+    by_length: dict[int, list[str]] = {}
+    for text in generate_corpus(200, seed=7):
+        by_length.setdefault(len(ref.ids(text)), []).append(text)
+    same = max(by_length.values(), key=len)[:32]
+    assert len(same) == 32
+    bodies = [{"items": [{"text": t} for t in same[2 * k : 2 * k + 2]]} for k in range(16)]
+    hang = HangingForward()
+    # No wait window: the merge below comes from the queue alone (with one, the loop would
+    # wait for the first client to return, then split the round in halves; see BatchLoop).
+    settings = ServiceSettings(model=str(reward_path), forward_process=False, max_wait_ms=0)
+    with serve(create_app(settings, loader=hang.loader)) as url:
+        wait_ready(url)
+        batches_before = metric(url, "reward_batches_total")
+        hang.armed.set()
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                first = asyncio.create_task(http.post("/score", json=bodies[0]))
+                await asyncio.to_thread(hang.entered.wait, 10)
+                rest = [asyncio.create_task(http.post("/score", json=b)) for b in bodies[1:]]
+                while metric(url, "reward_queue_depth") < 30:  # all 15 wait for the loop
+                    await asyncio.sleep(0.01)
+                hang.release.set()
+                return [await first, *[await r for r in rest]]
+
+        responses = asyncio.run(run())
+        batches = metric(url, "reward_batches_total") - batches_before
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        expected = [ref.score(item["text"]) for item in body["items"]]
+        assert response.json()["scores"] == pytest.approx(expected, abs=1e-5)
+    assert batches == 2  # the hung pass, then the 15 queued requests together
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -499,41 +558,26 @@ def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path:
 
 
 def test_queue_full_is_429_with_retry_after_and_draining_is_503(reward_path: Path) -> None:
-    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
-
-    def loader(settings: ServiceSettings) -> Scorer:
-        scorer = Scorer.load(settings)
-        forward = scorer.runner.forward
-
-        def blocking_forward(seqs: list[list[int]]) -> torch.Tensor:
-            if armed.is_set() and not entered.is_set():  # fault injection: this pass hangs
-                entered.set()
-                release.wait(timeout=30)
-            return forward(seqs)
-
-        scorer.runner.forward = blocking_forward  # type: ignore[method-assign]
-        return scorer
-
-    # The model in this process, so that the batching loop runs the patched forward.
+    hang = HangingForward()
     settings = ServiceSettings(
         model=str(reward_path), max_queue_items=4, max_items_per_request=4, max_wait_ms=0,
         forward_process=False,
     )  # fmt: skip
     four = {"items": [{"text": f"the movie was great {i}"} for i in range(4)]}
-    app = create_app(settings, loader=loader)
+    app = create_app(settings, loader=hang.loader)
     with serve(app) as url:
         wait_ready(url)
-        armed.set()
+        hang.armed.set()
 
         async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 first = asyncio.create_task(http.post("/score", json=four))
-                await asyncio.to_thread(entered.wait, 10)  # first batch is in the forward
+                await asyncio.to_thread(hang.entered.wait, 10)  # first batch is in the forward
                 second = asyncio.create_task(http.post("/score", json=four))  # fills the queue
                 while metric(url, "reward_queue_depth") < 4:
                     await asyncio.sleep(0.01)
                 third = await http.post("/score", json={"items": [{"text": "one more"}]})
-                release.set()
+                hang.release.set()
                 return await first, await second, third
 
         first, second, third = asyncio.run(run())
@@ -688,7 +732,7 @@ def test_service_exits_when_the_process_that_started_it_is_killed(
         deadline = time.monotonic() + 90
         while not out.read_text().strip():
             assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+            time.sleep(0.3)
         pid_text, url = out.read_text().split()
         pid = int(pid_text)
         assert httpx.get(f"{url}/ready").status_code == 200
