@@ -11,8 +11,8 @@
 # downloaded by the host's pip, so its own index settings and caches apply. It also carries this
 # machine's CA bundle ($SSL_CERT_FILE) and index URL, so that pip inside
 # `docker build --network host` reaches the same package index as the host. The project
-# Dockerfile is built unchanged, with --build-arg BASE_IMAGE; torch is found in the base and not
-# installed again.
+# Dockerfile is built unchanged, with --build-arg BASE_IMAGE and EXTRAS; torch is found in the
+# base and not installed again.
 #
 # Environment: IMAGE (trainer image tag, default online-dpo:latest, the compose default),
 # SERVICE_IMAGE (reward service image tag, default online-dpo-service:latest, the compose default),
