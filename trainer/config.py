@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from common.client import split_urls
+from common.client import DEFAULT_MAX_RETRIES, split_urls
 
 API_KEY_ENV = "REWARD_API_KEY"
 _REDACTED = "<REWARD_API_KEY>"
@@ -165,7 +165,8 @@ class OnlineDPOConfig(TrainingArguments):
         default=30.0, metadata={"help": "Seconds one /score attempt may take."}
     )
     reward_max_retries: int = field(
-        default=12, metadata={"help": "Retries on connection errors, 429 and 5xx."}
+        default=DEFAULT_MAX_RETRIES,
+        metadata={"help": "Retries on connection errors, 429 and 5xx."},
     )
 
     def __post_init__(self) -> None:
