@@ -548,8 +548,8 @@ def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path:
         wait_ready(url)
         assert c.post("/score", json={"items": [{"text": "a"}]}).status_code == 200
         runner = app.state.service.scorer.runner
-        assert isinstance(runner, ProcessRunner) and runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        assert isinstance(runner, ProcessRunner)
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         response = c.post("/score", json={"items": [{"text": "a"}]})
         assert_error(response, 503, "model_process_exited", "exit code -9", "restart")
         for path in ("/health", "/ready"):

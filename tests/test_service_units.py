@@ -255,8 +255,7 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         with pytest.raises(IndexError):
             runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
         assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
-        assert runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         with pytest.raises(ModelProcessExited, match="exit code -9"):
             runner.forward(ids)
         assert runner.failure() == "the model process exited (exit code -9)"
@@ -288,8 +287,7 @@ def test_batching_loop_in_the_model_process_scores_and_reports_its_exit(
             with pytest.raises(IndexError):
                 await batcher.score([[10**6]])  # fault injection: an id outside the vocabulary
         assert metrics.batches._value.get() < 2 * len(requests)  # requests shared passes
-        assert runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         for _ in range(2):
             with pytest.raises(ModelProcessExited, match="exit code -9"):
                 await batcher.score(requests[0])
