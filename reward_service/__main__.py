@@ -16,7 +16,7 @@ from pydantic_settings import CliApp
 from reward_service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from reward_service.app import ServiceState
+    from reward_service.state import ServiceState
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 logger = logging.getLogger("reward_service")

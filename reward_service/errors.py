@@ -21,6 +21,7 @@ _MAX_NAME = 40
 _STATUS_TYPES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",

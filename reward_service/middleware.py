@@ -109,14 +109,12 @@ class ApiKeyMiddleware:
 class DirectRoutes:
     """Serves ``POST`` on the given paths by calling their endpoints straight away.
 
-    These endpoints use none of FastAPI's telemetry, exception, routing and dependency layers:
-    they take the bare :class:`Request` and raise :class:`ApiError`. Skipping the routing took
-    single-item throughput up 1.30×; skipping the rest too cut the event loop's instructions
-    per single-item ``/score`` by 12 % (658k to 577k). The same endpoints stay
-    registered as FastAPI routes, which document them in OpenAPI and answer other methods (405).
-    It sits in front of the FastAPI app, inside the request metrics and the API key check. So
-    FastAPI's OpenTelemetry spans and metrics, when a provider is configured, cover every route
-    but these POSTs; the service's own ``/metrics`` cover them all.
+    These endpoints take the bare :class:`Request` and raise :class:`ApiError`; the app
+    registers the same endpoints as FastAPI routes too (see :mod:`reward_service.routes`),
+    which document them in OpenAPI, answer their other methods (405), and serve them instead of
+    this whenever a dependency applies to them. Calling them here skips FastAPI's exception,
+    body-limit and routing layers, whose cost per request is a measurable share of a small
+    request's. Middleware added to the app wraps this, so it applies to these POSTs as well.
     """
 
     def __init__(

@@ -150,6 +150,14 @@ class Scorer:
         """Release the model (stops its process, if it has one)."""
         self.runner.close()
 
+    def failure(self) -> str | None:
+        """Why the model can no longer score (its process exited); None while it can."""
+        return self.runner.failure()
+
+    def lost(self) -> BaseException:
+        """What requests fail with once the batching loop's link broke without being closed."""
+        return self.runner.lost()
+
     def label_index(self, label: int | str | None) -> int:
         """Index of a head output given as index or id2label name (None: the default label)."""
         if label is None:

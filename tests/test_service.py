@@ -13,25 +13,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
-from reward_service.app import ServiceState, create_app
+from reward_service.app import create_app, direct_endpoints
 from reward_service.metrics import ServiceMetrics
+from reward_service.routes import SCORING_ROUTES
 from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
+from reward_service.state import ServiceState
 from tests.support import exited_within
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +67,11 @@ def serve(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
+def wait_ready(url: str, timeout: float = 60, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{url}/ready", timeout=2)
+            response = httpx.get(f"{url}/ready", timeout=2, headers=headers)
             if response.status_code == 200:
                 return
             assert response.json()["error"]["type"] == "loading", response.text
@@ -511,6 +514,63 @@ def test_api_key_guards_scoring_routes_and_info(
     assert caplog.records, "expected some log records"
     assert API_KEY not in caplog.text and SECRET_TEXT not in caplog.text
     assert API_KEY not in repr(settings)
+
+
+# ----------------------------------------------------------------------------- extending the app
+def test_middleware_and_dependencies_added_the_fastapi_way_apply_to_score(
+    reward_path: Path, ref: Reference
+) -> None:
+    """``app.add_middleware`` (here through ``@app.middleware("http")``) wraps the scoring POSTs
+    too, which stay on the direct dispatch; a dependency given as ``dependencies=`` applies to
+    them as to any route (FastAPI's router then serves them) and its errors use the envelope."""
+    checked: list[str] = []
+
+    def require_tenant(request: Request, x_tenant: str = Header()) -> None:
+        if x_tenant != "acme":
+            raise HTTPException(403, f"unknown tenant {x_tenant!r}")
+        checked.append(request.url.path)
+
+    def with_middleware(app: FastAPI) -> list[str]:
+        seen: list[str] = []
+
+        @app.middleware("http")
+        async def tag(request: Request, call_next: Callable[..., Any]) -> Any:
+            seen.append(f"{request.method} {request.url.path}")
+            response = await call_next(request)
+            response.headers["X-Tagged"] = "yes"
+            return response
+
+        return seen
+
+    settings = ServiceSettings(model=str(reward_path), api_key=API_KEY)
+    key = {"X-API-Key": API_KEY}
+    body = {"items": [{"text": "the movie was great ."}]}
+    expected = ref.score("the movie was great .")
+    plain = create_app(settings)
+    guarded = create_app(settings, dependencies=[Depends(require_tenant)])
+    assert set(direct_endpoints(plain.routes, SCORING_ROUTES)) == {"/score", "/get_reward"}
+    assert direct_endpoints(guarded.routes, SCORING_ROUTES) == {}  # the router solves them
+    for app in (plain, guarded):
+        seen = with_middleware(app)
+        tenant = {"X-Tenant": "acme"} if app is guarded else {}
+        with serve(app) as url, httpx.Client(base_url=url, headers=key) as c:
+            wait_ready(url, headers=tenant)  # an app's dependencies apply to /ready too
+            response = c.post("/score", json=body, headers=tenant)
+            assert response.status_code == 200, response.text
+            assert response.headers["x-tagged"] == "yes"
+            assert response.json()["scores"] == pytest.approx([expected], abs=1e-5)
+            assert "POST /score" in seen
+            # Outside the key check: the middleware sees (and tags) a refused request too.
+            refused = c.post("/score", json=body, headers={"X-API-Key": "wrong", **tenant})
+            assert_error(refused, 401, "unauthorized")
+            assert refused.headers["x-tagged"] == "yes"
+            if app is guarded:
+                assert checked.count("/score") == 1
+                assert_error(c.post("/score", json=body), 422, "validation_error", "x-tenant")
+                wrong = c.post("/get_reward", json={"query": ["a"]}, headers={"X-Tenant": "x"})
+                assert_error(wrong, 403, "forbidden", "unknown tenant 'x'")
+                assert c.get("/info", headers=tenant).status_code == 200
+                assert_error(c.get("/info"), 422, "validation_error", "x-tenant")
 
 
 # ----------------------------------------------------------------------------- lifecycle
