@@ -469,6 +469,32 @@ def test_raw_body_errors(client: httpx.Client) -> None:
     assert_error(client.get("/nope"), 404, "not_found")
 
 
+def test_a_client_that_hangs_up_is_counted_not_logged_as_an_error(
+    service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="reward_service")
+    before = metric(service, 'reward_client_disconnects_total{route="/score"}')
+    port = int(service.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # half a body, then gone
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"items": [{"text": "the pl'
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while metric(service, 'reward_client_disconnects_total{route="/score"}') == before:
+        assert time.monotonic() < deadline, "the hang-up was never counted"
+        time.sleep(0.05)
+    assert metric(service, 'reward_requests_total{route="/score",status="499"}') >= 1
+    assert metric(service, 'reward_errors_total{type="internal_error"}') == 0
+    records = [r for r in caplog.records if r.name.startswith("reward_service")]
+    assert not [r for r in records if r.levelno >= logging.WARNING], caplog.text
+    assert any(
+        r.levelno == logging.INFO and "client went away" in r.getMessage() for r in records
+    ), caplog.text
+    assert httpx.post(f"{service}/score", json={"items": [{"text": "a"}]}).status_code == 200
+
+
 def test_huge_text_under_the_body_limit_is_truncated_not_rejected(client: httpx.Client) -> None:
     result = score(client, [{"text": "the plot was dull . " * 2_000}, {"text": "great"}])
     assert result.truncated == [True, False]
