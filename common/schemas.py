@@ -129,6 +129,19 @@ class InfoResponse(BaseModel):
     forward_per_token_us: float | None = Field(
         default=None, description="A forward pass's cost per padded token, fitted at warm-up."
     )
+    served_model_name: str | None = Field(
+        default=None, description="The name that vLLM-style requests give as 'model'."
+    )
+    revision: str | None = Field(default=None, description="The model's hub revision, if set.")
+    trust_remote_code: bool = Field(
+        default=False, description="Whether the checkpoint's own modeling code may run."
+    )
+    attn_implementation: str | None = Field(
+        default=None, description="The attention kernel the model runs with."
+    )
+    device_map: str | None = Field(
+        default=None, description="'auto' when accelerate placed the model (else see device)."
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -196,6 +196,11 @@ async def info(request: Request) -> Response:
             compiled=settings.compile,
             forward_fixed_ms=batcher.limits.forward_cost.fixed_s * 1e3,
             forward_per_token_us=batcher.limits.forward_cost.per_token_s * 1e6,
+            served_model_name=settings.served_model_name,
+            revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code,
+            attn_implementation=scorer.attn_implementation,
+            device_map=settings.device_map,
         ).model_dump(mode="json")
     )
 

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import cached_file
 from transformers.utils.logging import disable_progress_bar
 
 from reward_service.batch_loop import BatchLimits, BatchLoop, serve_in_thread
 from reward_service.link import Link, portable_error
+from reward_service.loading import load_model
 from reward_service.messages import (
     Message,
     ModelAnswer,
@@ -43,8 +44,6 @@ from reward_service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -52,6 +51,7 @@ class ModelInfo:
 
     device: str
     dtype: str
+    attn_implementation: str | None
     weights_hash: str
     num_labels: int
     id2label: dict[int, str]
@@ -116,7 +116,7 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
-def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
+def weights_hash(model: PreTrainedModel, name_or_path: str, revision: str | None = None) -> str:
     """Short sha256 of the weight files (safetensors, else .bin) the model was loaded from.
 
     Falls back to hashing the in-memory state dict when no weight files can be found.
@@ -124,7 +124,7 @@ def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
     folder: Path | None = Path(name_or_path)
     if not folder.is_dir():
         try:  # a hub id: the snapshot folder it was downloaded to
-            folder = Path(cached_file(name_or_path, "config.json")).parent
+            folder = Path(cached_file(name_or_path, "config.json", revision=revision)).parent
         except OSError:
             folder = None
     files = []
@@ -153,7 +153,8 @@ class LocalRunner:
 
     @classmethod
     def load(cls, settings: ServiceSettings, pad_fallback: int | None) -> LocalRunner:
-        """Load the model (local path or hub id) on the configured device and dtype.
+        """Load the model (local path or hub id) as configured (see :mod:`reward_service.
+        loading`): on ``device``, or where ``device_map`` puts it.
 
         ``pad_fallback`` (the tokenizer's pad, else EOS) is used when the config names no pad
         token: the head reads the score at the last token that is not ``pad_token_id``.
@@ -161,12 +162,13 @@ class LocalRunner:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         disable_progress_bar()  # a progress bar per load is noise in a service log
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if settings.dtype == "auto" else _DTYPES[settings.dtype]
-        model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype)
-        model.to(device).eval()
+        model = load_model(settings)
+        if settings.device_map is None:
+            device = settings.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model.to(device)
+        model.eval()
         if settings.compile:
             # Dynamic shapes: one graph for every batch size and length, plus the shapes with a
             # 1 in them, which dynamo specializes (the warm-up runs each kind).
@@ -183,7 +185,8 @@ class LocalRunner:
         info = ModelInfo(
             device=str(first.device),
             dtype=str(first.dtype).removeprefix("torch."),
-            weights_hash=weights_hash(model, settings.model),
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            weights_hash=weights_hash(model, settings.model, settings.revision),
             num_labels=model.config.num_labels,
             id2label={int(k): v for k, v in model.config.id2label.items()},
             pad_id=text_config.pad_token_id,

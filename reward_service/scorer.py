@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import torch
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
 from reward_service.batch_loop import BatchLimits, ForwardCost
+from reward_service.loading import load_tokenizer
 from reward_service.runner import Runner, start_runner
 from reward_service.settings import ServiceSettings
 from reward_service.word_cache import WordCache, special_edges
@@ -96,6 +96,7 @@ class Scorer:
         self.weights_hash = info.weights_hash
         self.device = info.device
         self.dtype = info.dtype
+        self.attn_implementation = info.attn_implementation
         self.pad_id = info.pad_id
         if self.pad_id == tokenizer.eos_token_id:
             logger.warning("pad token == EOS: items ending in EOS are scored at the token before")
@@ -121,7 +122,7 @@ class Scorer:
     @classmethod
     def load(cls, settings: ServiceSettings) -> Scorer:
         """Load tokenizer and model as configured (local path or hub id)."""
-        tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model)
+        tokenizer = load_tokenizer(settings)
         pad = tokenizer.pad_token_id
         runner = start_runner(settings, tokenizer.eos_token_id if pad is None else pad)
         try:

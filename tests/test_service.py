@@ -744,6 +744,9 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
         (["--model", "m", "--truncation-side", "middle"], "truncation-side"),
         (["--model", "./missing-dir"], "no such directory: './missing-dir'"),
         (["--model", "m", "--parent-pid", "0"], "--parent-pid"),
+        (["--model", "m", "--dtype", "float64"], "--dtype"),
+        (["--model", "m", "--device-map", "balanced"], "--device-map"),
+        (["--model", "m", "--device", "cpu", "--device-map", "auto"], "give one of them"),
     ],
 )
 def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) -> None:
@@ -751,6 +754,126 @@ def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) ->
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert fragment in out
+
+
+CUSTOM_MODELING = '''
+"""A reward model class transformers does not know: only trust_remote_code loads it."""
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class MeanPoolRMConfig(PretrainedConfig):
+    model_type = "mean-pool-rm-test"
+
+    def __init__(self, vocab_size=2048, hidden_size=16, max_position_embeddings=128, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(**kwargs)
+
+
+class MeanPoolRMForSequenceClassification(PreTrainedModel):
+    config_class = MeanPoolRMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        return SequenceClassifierOutput(logits=self.score(pooled))
+'''
+
+
+@pytest.fixture(scope="module")
+def custom_code_model(reward_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint whose class lives in its own modeling file, named by ``auto_map``."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("custom-code-rm")
+    (out / "modeling_mean_pool_rm.py").write_text(CUSTOM_MODELING)
+    spec = importlib.util.spec_from_file_location(
+        "modeling_mean_pool_rm", out / "modeling_mean_pool_rm.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(reward_path)
+    config = module.MeanPoolRMConfig(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {
+        "AutoConfig": "modeling_mean_pool_rm.MeanPoolRMConfig",
+        "AutoModelForSequenceClassification": (
+            "modeling_mean_pool_rm.MeanPoolRMForSequenceClassification"
+        ),
+    }
+    torch.manual_seed(0)
+    module.MeanPoolRMForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_trust_remote_code_loads_a_custom_class_and_is_required_for_it(
+    custom_code_model: Path,
+) -> None:
+    proc = _cli("--model", str(custom_code_model))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reward-service: error: "), out
+    assert "--trust-remote-code" in lines[0] and "auto_map" in lines[0]
+
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    model = Auto.from_pretrained(custom_code_model, trust_remote_code=True).eval()
+    assert type(model).__name__ == "MeanPoolRMForSequenceClassification"
+    tokenizer = AutoTokenizer.from_pretrained(custom_code_model)
+    texts = ["the movie was great .", "a dull plot"]
+    with torch.inference_mode():
+        expected = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli(
+        "--model", str(custom_code_model), "--port", str(port), "--trust-remote-code",
+        "--revision", "main", "--served-model-name", "custom-rm",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120)
+        info = InfoResponse.model_validate(httpx.get(f"{url}/info").json())
+        response = httpx.post(f"{url}/score", json={"items": [{"text": t} for t in texts]})
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert info.trust_remote_code and info.served_model_name == "custom-rm"
+    assert info.revision == "main"
+    assert response.status_code == 200, response.text
+    assert response.json()["scores"] == pytest.approx(expected, abs=1e-5)
+    assert "Traceback" not in out
+
+
+def test_loading_options_dtype_attention_and_device_map(reward_path: Path, ref: Reference) -> None:
+    text = "the movie was great ."
+    settings = ServiceSettings(
+        model=str(reward_path), dtype="bfloat16", attn_implementation="eager",
+        device_map="auto", forward_process=False,
+    )  # fmt: skip
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        wait_ready(url)
+        info = InfoResponse.model_validate(c.get("/info").json())
+        got = score(c, [{"text": text}]).scores[0]
+    assert (info.dtype, info.attn_implementation, info.device_map) == ("bfloat16", "eager", "auto")
+    assert info.device == "cpu" and info.served_model_name == reward_path.name
+    assert info.revision is None and not info.trust_remote_code
+    assert got == pytest.approx(ref.score(text), abs=0.05)  # bfloat16 weights
+    assert got != pytest.approx(ref.score(text), abs=1e-6)  # really not float32
 
 
 def test_cli_serves_with_env_settings_and_sigterm_drains_in_flight_requests(

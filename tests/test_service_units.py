@@ -193,6 +193,24 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fmt: skip
     assert settings.tokenizer is None and settings.host == "127.0.0.1"
     assert settings.api_key is not None and "hunter2" not in repr(settings)
+    assert settings.served_model_name == "rm"  # the last part of the model path
+    assert (settings.revision, settings.trust_remote_code, settings.device_map) == (
+        None, False, None,
+    )  # fmt: skip
+    loading = {
+        "REWARD_SERVED_MODEL_NAME": "my-rm", "REWARD_REVISION": "v2",
+        "REWARD_TRUST_REMOTE_CODE": "true", "REWARD_DTYPE": "bfloat16",
+        "REWARD_ATTN_IMPLEMENTATION": "sdpa", "REWARD_DEVICE_MAP": "auto",
+    }  # fmt: skip
+    for name, value in loading.items():
+        monkeypatch.setenv(name, value)
+    settings = ServiceSettings()
+    assert (
+        settings.served_model_name, settings.revision, settings.trust_remote_code,
+        settings.dtype, settings.attn_implementation, settings.device_map,
+    ) == ("my-rm", "v2", True, "bfloat16", "sdpa", "auto")  # fmt: skip
+    for name in loading:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("REWARD_TRUNCATION_SIDE", "middle")
     with pytest.raises(ValidationError, match="truncation_side"):
         ServiceSettings()
