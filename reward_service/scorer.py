@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 TruncationSide = Literal["left", "right", "error"]
 # Requests with fewer texts are tokenized one by one: handing a few short texts to the Rust
-# thread pool took ~10x longer than encoding them in place while a forward pass ran.
+# thread pool takes far longer than encoding them in place while a forward pass runs.
 _PARALLEL_MIN = 16
 
 
