@@ -13,10 +13,11 @@ from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from reward_service import compat, routes
 from reward_service.errors import install_error_handlers
 from reward_service.metrics import ServiceMetrics
 from reward_service.middleware import ApiKeyMiddleware, DirectRoutes, RequestMetricsMiddleware
-from reward_service.routes import SCORING_ROUTES, Endpoint, ScoringRoute, add_routes
+from reward_service.routes import Endpoint, ScoringRoute, add_routes, with_error_shape
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
 from reward_service.state import Loader, ServiceState
@@ -24,6 +25,9 @@ from reward_service.state import Loader, ServiceState
 # Open even when an API key is set: probes and scrapers. Everything else (the docs and the
 # OpenAPI schema included) needs the key.
 PUBLIC_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+# The service's own, then those in other tools' shapes (OpenRLHF's /get_reward is among the
+# service's own: it answers in the service's error envelope).
+SCORING_ROUTES = (*routes.SCORING_ROUTES, *compat.SCORING_ROUTES)
 
 
 @asynccontextmanager
@@ -60,7 +64,11 @@ def create_app(
     )
     app.state.service = ServiceState(settings, ServiceMetrics(), loader)
     install_error_handlers(app, app.state.service.metrics)
-    add_routes(app)
+    add_routes(app, SCORING_ROUTES)
+    app.add_api_route(
+        "/v1/models", with_error_shape(compat.models, compat.vllm_error),
+        summary="vLLM / OpenAI: the served model (its 'id' is what 'model' fields must name)",
+    )  # fmt: skip
     return app
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -33,7 +34,7 @@ from common.schemas import (
 from reward_service.batcher import Batcher, Draining, QueueFull
 from reward_service.errors import ApiError, from_validation_error
 from reward_service.runner import ModelProcessExited
-from reward_service.scorer import Encoded, ItemError, Scorer
+from reward_service.scorer import Encoded, ItemError, Scorer, Text, TooLong, TruncationSide
 from reward_service.state import ServiceState, model_lost
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -84,11 +85,37 @@ class ScoringCall(Generic[Body]):
         return cls(state, scorer, batcher, body, len(text))
 
     async def score(self, items: Sequence[ScoreItem]) -> tuple[Encoded, list[list[float]]]:
-        """Render, tokenize and queue ``items``; their token ids and head logits, in order."""
-        if self.body_bytes > _OFFLOAD_BYTES:
-            encoded = await asyncio.to_thread(_prepare, self.scorer, items)
-        else:
-            encoded = _prepare(self.scorer, items)
+        """Render, tokenize and queue ``items`` (``/score``'s); their token ids and head
+        logits, in order."""
+        try:
+            texts = self.scorer.render_all(items)
+        except ItemError as exc:
+            raise ApiError(422, "validation_error", str(exc)) from None
+        return await self.score_texts(texts)
+
+    async def score_texts(
+        self,
+        texts: Sequence[Text],
+        *,
+        field: str = "items",
+        side: TruncationSide | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        too_long: Callable[[int], str] | None = None,
+        too_long_param: str | None = None,
+    ) -> tuple[Encoded, list[list[float]]]:
+        """Tokenize and queue ``texts`` (see :meth:`Scorer.encode` for the options); their
+        token ids and head logits, in order. An item that cannot be tokenized is a 422 naming
+        ``field[i]``; with ``too_long``, an over-long one where truncation is off is a 422 of
+        type ``too_long`` that says ``too_long(tokens)``."""
+        scorer = self.scorer
+        encode = partial(
+            _encode, scorer, texts, field, too_long, too_long_param,
+            side=side, max_length=max_length, add_special_tokens=add_special_tokens,
+        )  # fmt: skip
+        encoded = await asyncio.to_thread(encode) if self.body_bytes > _OFFLOAD_BYTES else encode()
+        if not encoded.ids:
+            return encoded, []
         try:
             logits = await self.batcher.score(encoded.ids)
         except QueueFull as exc:
@@ -103,8 +130,28 @@ class ScoringCall(Generic[Body]):
             raise ApiError(500, "inference_error", "forward pass failed; see the log") from None
         n_truncated = sum(encoded.truncated)
         if n_truncated:
-            self.state.metrics.truncations.labels(self.scorer.truncation_side).inc(n_truncated)
+            side_label = side or scorer.truncation_side
+            self.state.metrics.truncations.labels(side_label).inc(n_truncated)
         return encoded, logits
+
+
+def _encode(
+    scorer: Scorer,
+    texts: Sequence[Text],
+    field: str,
+    too_long: Callable[[int], str] | None,
+    too_long_param: str | None,
+    **options: Any,
+) -> Encoded:
+    try:
+        return scorer.encode(texts, **options)
+    except TooLong as exc:
+        if too_long is None:
+            raise ApiError(422, "validation_error", exc.naming(field)) from None
+        message = f"{field}[{exc.index}]: {too_long(exc.tokens)}"
+        raise ApiError(422, "too_long", message, param=too_long_param) from None
+    except ItemError as exc:
+        raise ApiError(422, "validation_error", exc.naming(field)) from None
 
 
 async def score(request: Request) -> Response:
@@ -129,22 +176,40 @@ async def score(request: Request) -> Response:
 
 
 async def get_reward(request: Request) -> Response:
-    """``POST /get_reward`` (OpenRLHF): the score of each full text in ``query``."""
+    """``POST /get_reward`` (OpenRLHF): the score of each full text in ``query``, raw as
+    OpenRLHF's own ``serve_rm`` answers; ``prompts`` and ``labels`` are checked, not used."""
     call = await ScoringCall.read(request, GetRewardRequest, "query")
-    _, logits = await call.score([ScoreItem(text=q) for q in call.body.query])
+    _, logits = await call.score_texts(call.body.query, field="query")
     scores = [row[call.scorer.score_label] for row in logits]
-    return json_response({"rewards": scores, "scores": scores})
+    return json_response({"rewards": scores, "scores": scores, "extra_logs": {}})
 
 
 @dataclass(frozen=True)
 class ScoringRoute:
-    """A POST route that scores: its path, its endpoint, and the models that document it."""
+    """A POST route that scores: its path, its endpoint, and the models that document it
+    (``response_model`` is a model or a type such as a union of lists of models)."""
 
     path: str
     endpoint: Endpoint
     request_model: type[BaseModel]
-    response_model: type[BaseModel]
+    response_model: Any
     summary: str
+
+
+def with_error_shape(endpoint: Endpoint, shape: Callable[[ApiError], Response]) -> Endpoint:
+    """``endpoint``, answering its errors in ``shape`` (another tool's error body) instead of
+    the envelope; each is counted in the errors metric all the same."""
+
+    async def shaped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as exc:
+            service(request).metrics.errors.labels(exc.type).inc()
+            return shape(exc)
+
+    shaped.__name__ = shaped.__qualname__ = endpoint.__name__
+    shaped.__doc__ = endpoint.__doc__
+    return shaped
 
 
 SCORING_ROUTES = (
@@ -210,10 +275,10 @@ async def metrics(request: Request) -> Response:
     return Response(service(request).metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
 
-def add_routes(app: FastAPI) -> None:
-    """Register every route of the service on ``app`` (where the app's own dependencies, if
-    any, apply to each)."""
-    for route in SCORING_ROUTES:
+def add_routes(app: FastAPI, scoring: Sequence[ScoringRoute]) -> None:
+    """Register the ``scoring`` routes and the service's others on ``app`` (where the app's
+    own dependencies, if any, apply to each)."""
+    for route in scoring:
         app.add_api_route(
             route.path,
             route.endpoint,
@@ -295,14 +360,6 @@ def _body_too_large(max_bytes: int) -> ApiError:
     return ApiError(
         413, "body_too_large", f"body exceeds max_body_bytes {max_bytes}", {"Connection": "close"}
     )
-
-
-def _prepare(scorer: Scorer, items: Sequence[ScoreItem]) -> Encoded:
-    """Render and tokenize; 422 naming the first bad item."""
-    try:
-        return scorer.encode(scorer.render_all(items))
-    except ItemError as exc:
-        raise ApiError(422, "validation_error", str(exc)) from None
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class ModelInfo:
     dtype: str
     attn_implementation: str | None
     weights_hash: str
+    problem_type: str | None
     num_labels: int
     id2label: dict[int, str]
     pad_id: int
@@ -187,6 +188,7 @@ class LocalRunner:
             dtype=str(first.dtype).removeprefix("torch."),
             attn_implementation=getattr(model.config, "_attn_implementation", None),
             weights_hash=weights_hash(model, settings.model, settings.revision),
+            problem_type=model.config.problem_type,
             num_labels=model.config.num_labels,
             id2label={int(k): v for k, v in model.config.id2label.items()},
             pad_id=text_config.pad_token_id,

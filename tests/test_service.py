@@ -28,9 +28,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
-from reward_service.app import create_app, direct_endpoints
+from reward_service.app import SCORING_ROUTES, create_app, direct_endpoints
 from reward_service.metrics import ServiceMetrics
-from reward_service.routes import SCORING_ROUTES
 from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
@@ -250,8 +249,7 @@ def test_get_reward_is_openrlhf_compatible(client: httpx.Client, ref: Reference)
     response = client.post("/get_reward", json={"query": queries})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"rewards", "scores"}
-    assert body["rewards"] == body["scores"]
+    assert body == {"rewards": body["rewards"], "scores": body["rewards"], "extra_logs": {}}
     assert body["rewards"] == pytest.approx([ref.score(q) for q in queries], abs=1e-5)
 
 
@@ -429,7 +427,12 @@ def test_malformed_score_bodies(
 
 @pytest.mark.parametrize(
     ("body", "fragments"),
-    [({"query": "abc"}, ["query"]), ({"query": []}, ["query"]), ({"query": [1]}, ["query[0]"])],
+    [
+        ({"query": "abc"}, ["query"]),
+        ({"query": [1]}, ["query[0]"]),
+        ({"query": ["a", "b"], "prompts": ["p"]}, ["prompts:", "1 entries for 2 queries"]),
+        ({"query": ["a"], "labels": []}, ["labels:", "0 entries for 1 queries"]),
+    ],
 )
 def test_malformed_get_reward_bodies(
     client: httpx.Client, body: object, fragments: list[str]
@@ -574,7 +577,9 @@ def test_middleware_and_dependencies_added_the_fastapi_way_apply_to_score(
     expected = ref.score("the movie was great .")
     plain = create_app(settings)
     guarded = create_app(settings, dependencies=[Depends(require_tenant)])
-    assert set(direct_endpoints(plain.routes, SCORING_ROUTES)) == {"/score", "/get_reward"}
+    assert set(direct_endpoints(plain.routes, SCORING_ROUTES)) == {
+        "/score", "/get_reward", "/classify", "/pooling", "/predict",
+    }  # fmt: skip
     assert direct_endpoints(guarded.routes, SCORING_ROUTES) == {}  # the router solves them
     for app in (plain, guarded):
         seen = with_middleware(app)
