@@ -84,6 +84,8 @@ def _default_side(scorer: Scorer) -> Literal["left", "right"]:
 
 
 # ----------------------------------------------------------------------------- vLLM
+# The dtypes of a base64 /pooling answer that the service writes.
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VLLM_TYPES = {  # our error type -> (status, vLLM's type)
     "validation_error": (400, "Bad Request"),
     "invalid_json": (400, "Bad Request"),
@@ -168,6 +170,12 @@ class VllmClassifyRequest(BaseModel):
             raise ValueError("'messages' must not be empty")
         return self
 
+    def refusal(self) -> ApiError | None:
+        """What vLLM refuses in a body that validates (a removed parameter)."""
+        if "normalize" in (self.model_extra or {}):
+            return _vllm_bad("Parameter `normalize` was removed; use `use_activation` instead.")
+        return None
+
     @property
     def activated(self) -> bool:
         for flag in (self.use_activation, self.activation, self.softmax):
@@ -185,6 +193,27 @@ class VllmPoolingRequest(VllmClassifyRequest):
     endianness: Literal["native", "big", "little"] = "native"
     dimensions: int | None = None
 
+    def refusal(self) -> ApiError | None:
+        if self.task not in (None, "classify"):
+            removed = self.task in ("score", "encode")
+            return _vllm_bad(
+                f"Task {self.task!r} was removed; use 'classify'" if removed
+                else f"Task {self.task!r} is not supported by this model; it supports 'classify'",
+                "task",
+            )  # fmt: skip
+        if self.encoding_format in ("bytes", "bytes_only"):
+            return _vllm_bad(
+                f"encoding_format {self.encoding_format!r} is not supported here; use 'float' "
+                "or 'base64'",
+                "encoding_format",
+            )
+        if self.dimensions is not None:
+            return _vllm_bad("dimensions is only for embedding models", "dimensions")
+        if self.encoding_format == "base64" and self.embed_dtype not in _DTYPES:
+            return _vllm_bad(f"embed_dtype {self.embed_dtype!r} is not supported here",
+                             "embed_dtype")  # fmt: skip
+        return super().refusal()
+
 
 def _vllm_bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, "bad_request", message, param=param)
@@ -201,8 +230,8 @@ async def _vllm_scored(
     served = call.state.settings.served_model_name
     if body.model not in (None, "", served):
         raise ApiError(404, "model_not_found", f"The model `{body.model}` does not exist.")
-    if "normalize" in (body.model_extra or {}):
-        raise _vllm_bad("Parameter `normalize` was removed; use `use_activation` instead.")
+    if (refusal := body.refusal()) is not None:
+        raise refusal
     limit = scorer.max_length
     side: TruncationSide = "error"
     if body.truncate_prompt_tokens is not None:
@@ -279,9 +308,6 @@ async def classify(request: Request) -> Response:
     return json_response(payload)
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def _base64(row: list[float], dtype: str, endianness: str) -> str:
     """``row`` as vLLM's base64 pooling output: the raw bytes of an array of ``dtype``, in
     ``endianness`` byte order."""
@@ -295,23 +321,8 @@ def _base64(row: list[float], dtype: str, endianness: str) -> str:
 async def pooling(request: Request) -> Response:
     """``POST /pooling`` (vLLM, task classify): per prompt, the values of the head (raw logits
     unless ``use_activation`` is true), as floats or base64."""
-    body_model = VllmPoolingRequest
-    call, rows, tokens = await _vllm_scored(request, body_model)
+    call, rows, tokens = await _vllm_scored(request, VllmPoolingRequest)
     body: VllmPoolingRequest = call.body
-    if body.task not in (None, "classify"):
-        removed = body.task in ("score", "encode")
-        raise _vllm_bad(
-            f"Task {body.task!r} was removed; use 'classify'" if removed
-            else f"Task {body.task!r} is not supported by this model; it supports 'classify'",
-            "task",
-        )  # fmt: skip
-    if body.encoding_format in ("bytes", "bytes_only"):
-        raise _vllm_bad(f"encoding_format {body.encoding_format!r} is not supported here; use "
-                        "'float' or 'base64'", "encoding_format")  # fmt: skip
-    if body.dimensions is not None:
-        raise _vllm_bad("dimensions is only for embedding models", "dimensions")
-    if body.encoding_format == "base64" and body.embed_dtype not in _DTYPES:
-        raise _vllm_bad(f"embed_dtype {body.embed_dtype!r} is not supported here", "embed_dtype")
     payload = _vllm_envelope(request, "pooling", call, tokens)
     payload["data"] = [
         {
