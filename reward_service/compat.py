@@ -18,6 +18,7 @@ Every route has the limits, API key, metrics and batching of ``/score``: each is
 from __future__ import annotations
 
 import base64
+import itertools
 import math
 import sys
 import time
@@ -215,6 +216,16 @@ class VllmPoolingRequest(VllmClassifyRequest):
         return super().refusal()
 
 
+# Response ids where the client names none: 32 hex digits as a uuid4's, unique per process
+# (a random prefix and a counter), at a fraction of uuid4's cost per request.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ids = itertools.count()
+
+
+def _new_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):016x}"
+
+
 def _vllm_bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, "bad_request", message, param=param)
 
@@ -276,7 +287,7 @@ async def _vllm_scored(
 
 
 def _vllm_envelope(request: Request, prefix: str, call: ScoringCall[Any], tokens: int) -> dict:
-    request_id = request.headers.get("x-request-id") or call.body.request_id or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or call.body.request_id or _new_id()
     return {
         "id": f"{prefix}-{request_id}",
         "object": "list",
