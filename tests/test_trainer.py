@@ -439,7 +439,7 @@ def test_generation_keeps_the_kv_cache_under_gradient_checkpointing(
     finally:
         handle.remove()
     assert model.is_gradient_checkpointing  # what makes TRL drop the cache
-    assert trainer.generation_config.use_cache is True
+    assert trainer.sampling.generation_config.use_cache is True
     # Decoding steps feed one new token on top of the cached prompt + earlier tokens.
     decoding = [c for c in calls if c[0] == 1 and c[1] > 0]
     assert len(decoding) >= WIDTH - 2, calls
@@ -624,7 +624,7 @@ def test_padding_free_stays_off_for_a_model_that_ignores_the_packed_mask(
     demo_models: DemoModels, service: str, tmp_path: Path, packing_mask_ignored: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    with caplog.at_level("WARNING", logger="trainer.trainer"):
+    with caplog.at_level("WARNING", logger="trainer.logprobs"):
         trainer = make_trainer(demo_models, config(tmp_path, service))
     assert not trainer.padding_free
     assert "padding_free off" in caplog.text and "does not keep packed" in caplog.text
@@ -931,38 +931,32 @@ def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
 def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` picks the rollout process only for CPU training on Linux without sharded
     weights; asking for the process elsewhere is refused at construction, naming the field."""
-    from types import SimpleNamespace
-
     from accelerate.utils import DistributedType
 
-    from trainer.trainer import resolve_async_backend
+    from trainer.rollouts import resolve_async_backend
 
-    def args(device: str, backend: str) -> Any:
-        return SimpleNamespace(
-            device=torch.device(device), async_generation_backend=backend, async_generation=True
-        )
-
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "process"
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.MULTI_CPU) == "process"
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.FSDP) == "thread"
-    assert resolve_async_backend(args("cuda", "auto"), DistributedType.NO) == "thread"
-    assert resolve_async_backend(args("cuda", "thread"), DistributedType.NO) == "thread"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_async_backend("auto", cpu, DistributedType.NO) == "process"
+    assert resolve_async_backend("auto", cpu, DistributedType.MULTI_CPU) == "process"
+    assert resolve_async_backend("auto", cpu, DistributedType.FSDP) == "thread"
+    assert resolve_async_backend("auto", cuda, DistributedType.NO) == "thread"
+    assert resolve_async_backend("thread", cuda, DistributedType.NO) == "thread"
     with pytest.raises(ValueError, match="async_generation_backend='process'"):
-        resolve_async_backend(args("cuda", "process"), DistributedType.NO)
+        resolve_async_backend("process", cuda, DistributedType.NO)
     with pytest.raises(ValueError, match="async_generation_backend='process'"):
-        resolve_async_backend(args("cpu", "process"), DistributedType.DEEPSPEED)
+        resolve_async_backend("process", cpu, DistributedType.DEEPSPEED)
     monkeypatch.setattr(sys, "platform", "darwin")  # no safe fork: no rollout process
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "thread"
+    assert resolve_async_backend("auto", cpu, DistributedType.NO) == "thread"
     with pytest.raises(ValueError, match="darwin"):
-        resolve_async_backend(args("cpu", "process"), DistributedType.NO)
+        resolve_async_backend("process", cpu, DistributedType.NO)
 
 
 def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     """A queued rollout is cancelled; one already being sampled is waited for: with the
     process backend it reads a weight slot that the next publish would overwrite."""
-    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
+
+    from trainer.rollouts import AsyncRollouts
 
     started, release = threading.Event(), threading.Event()
 
@@ -974,9 +968,10 @@ def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         running, queued = pool.submit(sample), pool.submit(sample)
         assert started.wait(5)
-        trainer = SimpleNamespace(_pending=deque([([], running), ([], queued)]), _lookahead=None)
+        rollouts = AsyncRollouts("thread", None, 2, None)  # type: ignore[arg-type]
+        rollouts._pending.extend([([], running), ([], queued)])  # type: ignore[list-item]
         threading.Timer(0.3, release.set).start()
-        OnlineDPOTrainer._cancel_pending(trainer)  # type: ignore[arg-type]
+        rollouts.cancel()
         assert running.done() and running.result() == "rollout"
         assert queued.cancelled()
-        assert not trainer._pending
+        assert rollouts.take([]) is None  # nothing left to take
