@@ -175,6 +175,23 @@ def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: Dem
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
 
 
+def test_reward_service_not_reachable_is_one_line(
+    tmp_path: Path, demo_models: DemoModels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.service_process import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [
+        "train", "--model_name_or_path", str(demo_models.policy),
+        "--dataset_name", str(demo_models.train_prompts), "--output_dir", str(tmp_path),
+        "--reward_url", url, "--reward_max_retries", "0", "--report_to", "none",
+        "--use_cpu", "true",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("online-dpo: error: reward_url: ") and url in err[-1], err
+
+
 def test_bad_demo_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--max-steps", "0"]) == 2
     assert capsys.readouterr().err == "online-dpo: error: --max-steps must be >= 1, got 0\n"

@@ -712,6 +712,9 @@ def test_failed_reward_requests_raise_instead_of_scoring_zero(
     assert stub.score_requests == {"down": 0, 503: 2, 422: 1}[fault]  # 1 retry; 4xx: none
     assert trainer.state.global_step == 0
     assert not [r for r in trainer.state.log_history if "objective/scores" in r]
+    # The failed run closed the reward client: nothing more is sent.
+    with pytest.raises(RuntimeError, match="shutdown"):
+        trainer.scorer.submit([{"prompt": "a", "completion": "b"}])
 
 
 # ----------------------------------------------------------------------------- overlap

@@ -202,6 +202,7 @@ def run_train(argv: Sequence[str]) -> int:
     from transformers import AutoTokenizer
     from transformers.trainer_utils import IntervalStrategy
 
+    from common.client import RewardServiceError
     from trainer.callbacks import MetricsJsonlCallback, RewardCurveCallback
     from trainer.data import load_prompt_dataset
     from trainer.trainer import OnlineDPOTrainer
@@ -252,17 +253,21 @@ def run_train(argv: Sequence[str]) -> int:
         )
     except ValueError as e:
         raise CliError(str(e)) from e
+    except RewardServiceError as e:  # checked at start: not reachable, wrong key, ...
+        raise CliError(f"reward_url: {e}") from e
     resume = training_args.resume_from_checkpoint
-    # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True) does.
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
-    trainer.save_model(training_args.output_dir)
-    # Trainer has already evaluated the final weights when eval_steps divides the run's length.
-    step = trainer.state.global_step
-    evaluated = any(
-        "eval_reward_mean" in log and log.get("step") == step for log in trainer.state.log_history
-    )
-    if evaluating and not evaluated:
-        trainer.evaluate()
+    with trainer:
+        # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True).
+        trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
+        trainer.save_model(training_args.output_dir)
+        # Trainer has already evaluated the final weights when eval_steps divides the run.
+        step = trainer.state.global_step
+        evaluated = any(
+            "eval_reward_mean" in log and log.get("step") == step
+            for log in trainer.state.log_history
+        )
+        if evaluating and not evaluated:
+            trainer.evaluate()
     return 0
 
 

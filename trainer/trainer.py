@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 import torch
 from datasets import Dataset
@@ -84,6 +84,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     Arguments as TRL's ``OnlineDPOTrainer``, with ``reward_url`` in place of
     ``reward_funcs``/``reward_processing_classes``. ``ref_model=None`` makes a frozen copy of
     ``model``; with ``peft_config`` the reference is the base model with the adapter disabled.
+    :meth:`close` (or a ``with`` block) releases the reward client when done.
     """
 
     # compute_loss returns a mean over pairs: Trainer averages it over accumulation steps
@@ -154,15 +155,20 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             max_retries=args.reward_max_retries,
             on_event=self.reward_events,
         )
-        self.scorer.check()
         self.async_rollouts: AsyncRollouts | None = None
-        if args.async_generation:
-            self.async_rollouts = AsyncRollouts(
-                resolve_async_backend(
-                    args.async_generation_backend, args.device, self.accelerator.distributed_type
-                ),
-                self.sampling, args.num_samples_per_prompt, self._rollout,
-            )  # fmt: skip
+        try:
+            self.scorer.check()
+            if args.async_generation:
+                self.async_rollouts = AsyncRollouts(
+                    resolve_async_backend(
+                        args.async_generation_backend, args.device,
+                        self.accelerator.distributed_type,
+                    ),
+                    self.sampling, args.num_samples_per_prompt, self._rollout,
+                )  # fmt: skip
+        except BaseException:
+            self.scorer.close()
+            raise
         self._micro = (-1, 0)  # (step, rollouts taken in it): the micro-batch of the next
 
     @property
@@ -344,7 +350,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> Any:
-        """``Trainer.train``; in async mode with the rollouts the resumed checkpoint saved."""
+        """``Trainer.train``; in async mode with the rollouts the resumed checkpoint saved. A
+        run that fails releases what :meth:`close` releases."""
         if self.async_rollouts is not None:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
@@ -352,9 +359,25 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             self.async_rollouts.load(checkpoint or None, self.accelerator.process_index)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
         finally:
             if self.async_rollouts is not None:
                 self.async_rollouts.close()  # waits for a rollout still being sampled
+
+    def close(self) -> None:
+        """Release the reward client (its threads and connections) and the async sampler.
+        The trainer cannot score afterwards."""
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
+        self.scorer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ metrics
 
