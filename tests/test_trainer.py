@@ -925,6 +925,28 @@ def test_bad_config_values_name_the_field(
         config(tmp_path, url, **overrides)
 
 
+def test_model_init_kwargs_with_a_model_object_are_refused(
+    demo_models: DemoModels, tmp_path: Path
+) -> None:
+    """As in TRL: the kwargs apply to a model loaded by name, so with a model object they
+    would silently do nothing."""
+    args = config(tmp_path, "http://127.0.0.1:1", model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="model_init_kwargs apply only when model is a name"):
+        make_trainer(demo_models, args)
+
+
+def test_model_init_kwargs_reach_from_pretrained(demo_models: DemoModels, tmp_path: Path) -> None:
+    from trainer.models import load_causal_lm
+
+    kwargs = {"dtype": "bfloat16", "attn_implementation": "eager"}
+    args = config(tmp_path, None, model_init_kwargs=kwargs)
+    model = load_causal_lm(str(demo_models.policy), args, "model")
+    assert model.dtype == torch.bfloat16
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match=r"model '/no/such/model': cannot load the model"):
+        load_causal_lm("/no/such/model", config(tmp_path, None), "model")
+
+
 def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reward_url"):
         OnlineDPOTrainer("unused/path", args=config(tmp_path, None), processing_class=object(),

@@ -1,5 +1,5 @@
-"""The policy and the reference model: loaded by name, wrapped with a PEFT adapter, dropout
-off, pad and EOS tokens set."""
+"""The policy and the reference model: loaded by name with TRL's ``model_init_kwargs`` and
+``trust_remote_code``, wrapped with a PEFT adapter, dropout off, pad and EOS tokens set."""
 
 from __future__ import annotations
 
@@ -12,17 +12,34 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from trainer.config import OnlineDPOConfig
 
 
+def load_causal_lm(name: str, args: OnlineDPOConfig, argument: str) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(name)`` with ``args.model_init_kwargs`` and
+    ``args.trust_remote_code`` (a ``trust_remote_code`` in the kwargs wins, as in TRL). A
+    model that cannot be loaded is a one-line ``ValueError`` naming ``argument``."""
+    kwargs = dict(args.model_init_kwargs or {})
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{argument} {name!r}: cannot load the model: {reason}") from e
+
+
 def prepare_models(
     model: PreTrainedModel | str,
-    ref_model: PreTrainedModel | None,
+    ref_model: PreTrainedModel | str | None,
     args: OnlineDPOConfig,
     peft_config: Any | None,
 ) -> tuple[nn.Module, nn.Module | None]:
-    """The policy to train and the frozen reference: a policy given by name is loaded; with
+    """The policy to train and the frozen reference: models given by name are loaded; with
     ``ref_model=None`` the reference is a copy of the policy, or, with a PEFT adapter, no
     model at all (the policy with its adapter disabled); dropout off if asked."""
+    if args.model_init_kwargs and not isinstance(model, str):
+        raise ValueError("model_init_kwargs apply only when model is a name or path")
     if isinstance(model, str):
-        model = AutoModelForCausalLM.from_pretrained(model)
+        model = load_causal_lm(model, args, "model")
+    if isinstance(ref_model, str):
+        ref_model = load_causal_lm(ref_model, args, "ref_model")
     if ref_model is model:
         raise ValueError("model and ref_model must be different objects (or ref_model=None)")
     if peft_config is not None:

@@ -82,9 +82,10 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     """Online DPO with rewards from the reward service (``args.reward_url``).
 
     Arguments as TRL's ``OnlineDPOTrainer``, with ``reward_url`` in place of
-    ``reward_funcs``/``reward_processing_classes``. ``ref_model=None`` makes a frozen copy of
-    ``model``; with ``peft_config`` the reference is the base model with the adapter disabled.
-    :meth:`close` (or a ``with`` block) releases the reward client when done.
+    ``reward_funcs``/``reward_processing_classes``. ``model`` and ``ref_model`` may be names
+    or paths (loaded with ``args.model_init_kwargs``). ``ref_model=None`` makes a frozen copy
+    of ``model``; with ``peft_config`` the reference is the base model with the adapter
+    disabled. :meth:`close` (or a ``with`` block) releases the reward client when done.
     """
 
     # compute_loss returns a mean over pairs: Trainer averages it over accumulation steps
@@ -94,7 +95,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     def __init__(
         self,
         model: PreTrainedModel | str,
-        ref_model: PreTrainedModel | None = None,
+        ref_model: PreTrainedModel | str | None = None,
         args: OnlineDPOConfig | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
         train_dataset: Dataset | None = None,
