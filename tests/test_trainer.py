@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -1000,3 +1002,66 @@ def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
         assert running.done() and running.result() == "rollout"
         assert queued.cancelled()
         assert rollouts.take([]) is None  # nothing left to take
+
+
+# ----------------------------------------------------------------------------- API surface
+
+# The Trainer methods this trainer overrides, with their parameters in transformers 5.x. The
+# private ones carry no stability promise (hence transformers < 6 in pyproject.toml).
+OVERRIDDEN = {
+    "_save_checkpoint": ["self", "model", "trial"],
+    "_get_output_dir": ["self", "trial"],
+    "_push_from_checkpoint": ["self", "checkpoint_folder"],
+    "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+    "training_step": ["self", "model", "inputs", "num_items_in_batch"],
+    "get_batch_samples": ["self", "epoch_iterator", "num_batches", "device"],
+    "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
+    "log": ["self", "logs", "start_time"],
+    "evaluate": ["self", "eval_dataset", "ignore_keys", "metric_key_prefix"],
+}
+
+
+def test_trainer_methods_we_override_keep_their_shape() -> None:
+    """Fails loudly when a transformers release changes a ``Trainer`` method this trainer
+    overrides or relies on: its parameters, how ``_save_checkpoint`` finds its folder and
+    pushes (the atomic save redirects both), how ``training_step`` hands its inputs to
+    ``compute_loss`` (the rollout rides in them), and the loss-scaling switch."""
+    import inspect
+
+    from transformers import Trainer
+
+    overridden = {
+        name
+        for cls in OnlineDPOTrainer.__mro__
+        if cls is not Trainer and issubclass(cls, Trainer)
+        for name, value in vars(cls).items()
+        if callable(value) and hasattr(Trainer, name) and name != "__init__"
+    }
+    assert overridden == set(OVERRIDDEN), "list a new override here, with its parameters"
+    for name, parameters in OVERRIDDEN.items():
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters, name
+    save = inspect.getsource(Trainer._save_checkpoint)
+    assert "run_dir = self._get_output_dir(trial=trial)" in save
+    assert "self._push_from_checkpoint(output_dir)" in save
+    step = inspect.getsource(Trainer.training_step)
+    assert "inputs = self._prepare_inputs(inputs)" in step
+    assert "self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)" in step
+    assert "if self.loss_is_scaled_for_ga is not None:" in step
+
+
+def test_package_exports_the_trainer_and_imports_cheaply() -> None:
+    """``from trainer import OnlineDPOTrainer, OnlineDPOConfig`` works, and ``import trainer``
+    alone loads neither torch nor transformers (the CLI parses its flags first)."""
+    code = (
+        "import sys, trainer\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from trainer import OnlineDPOConfig, OnlineDPOTrainer\n"
+        "from trainer.trainer import OnlineDPOTrainer as T\n"
+        "assert OnlineDPOTrainer is T and OnlineDPOConfig.__name__ == 'OnlineDPOConfig'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
