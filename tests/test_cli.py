@@ -19,7 +19,6 @@ from common.demo_models import DemoModels
 from tests.support import TRL_METRIC_NAMES
 from trainer.callbacks import read_metrics
 from trainer.cli import main, parse_train_args
-from trainer.service_process import running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +61,7 @@ def run_yaml(tmp_path: Path) -> Path:
     )
 
 
+@pytest.mark.unit
 def test_yaml_gives_defaults_and_flags_override(
     run_yaml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,12 +79,14 @@ def test_yaml_gives_defaults_and_flags_override(
     assert os.environ["ONLINE_DPO_TEST_VAR"] == "from-yaml"
 
 
+@pytest.mark.unit
 def test_yaml_single_beta_is_accepted(run_yaml: Path) -> None:
     _, _, config = parse_train_args(["--config", str(run_yaml)])
     beta = config.beta if isinstance(config.beta, float) else list(config.beta)
     assert beta in (0.2, [0.2])
 
 
+@pytest.mark.unit
 def test_flags_alone_work(tmp_path: Path) -> None:
     script, model, config = parse_train_args(
         [
@@ -107,6 +109,7 @@ def test_flags_alone_work(tmp_path: Path) -> None:
         (["--model_name_or_path", ""], {}, "model_name_or_path is required"),
     ],
 )
+@pytest.mark.unit
 def test_bad_values_are_one_line_errors(
     tmp_path: Path,
     run_yaml: Path,
@@ -124,6 +127,7 @@ def test_bad_values_are_one_line_errors(
     assert re.search(expected, err), err
 
 
+@pytest.mark.unit
 def test_missing_or_broken_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: No such file" in capsys.readouterr().err
@@ -132,6 +136,7 @@ def test_missing_or_broken_config_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "must be a YAML mapping" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_value_exit_code_and_no_traceback(run_yaml: Path) -> None:
     proc = run_cli("train", "--config", str(run_yaml), "--loss_type", "hinge")
     assert proc.returncode == 2
@@ -143,7 +148,10 @@ def test_bad_value_exit_code_and_no_traceback(run_yaml: Path) -> None:
 TRL_KEYS = TRL_METRIC_NAMES
 
 
-def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: DemoModels) -> None:
+@pytest.mark.slow
+def test_train_from_yaml_against_a_real_service(
+    tmp_path: Path, demo_models: DemoModels, reward_service: str
+) -> None:
     out = tmp_path / "run"
     config = write_yaml(
         tmp_path / "run.yaml",
@@ -163,8 +171,7 @@ def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: Dem
             "use_cpu": True,
         },
     )
-    with running_service(demo_models.reward) as url:
-        proc = run_cli("train", "--config", str(config), "--reward_url", url)
+    proc = run_cli("train", "--config", str(config), "--reward_url", reward_service)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = list(read_metrics(out / "metrics.jsonl"))
     train = [r for r in records if "objective/scores" in r]
@@ -178,6 +185,7 @@ def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: Dem
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
 
 
+@pytest.mark.unit
 def test_model_loading_options_from_yaml_and_flags(tmp_path: Path, run_yaml: Path) -> None:
     """TRL's ``model_init_kwargs`` (a YAML mapping, or JSON as a flag) and
     ``trust_remote_code``."""
@@ -226,7 +234,10 @@ def custom_code_model(demo_models: DemoModels, out: Path) -> Path:
     return out
 
 
-def test_custom_code_model_needs_trust_remote_code(tmp_path: Path, demo_models: DemoModels) -> None:
+@pytest.mark.slow
+def test_custom_code_model_needs_trust_remote_code(
+    tmp_path: Path, demo_models: DemoModels, reward_service: str
+) -> None:
     """Without ``trust_remote_code`` the CLI refuses a model that ships code, in one line; with
     it the model's own class trains, loaded with ``model_init_kwargs`` (bfloat16 here, over
     the ``dtype`` field's float32)."""
@@ -245,12 +256,11 @@ def test_custom_code_model_needs_trust_remote_code(tmp_path: Path, demo_models: 
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("online-dpo: error: model ") and "trust_remote_code" in last, last
     assert "custom code" in last
-    with running_service(demo_models.reward) as url:
-        kwargs = '{"dtype": "bfloat16"}'
-        proc = run_cli(
-            *args, "--reward_url", url, "--trust_remote_code", "--model_init_kwargs", kwargs,
-            env=env,
-        )  # fmt: skip
+    kwargs = '{"dtype": "bfloat16"}'
+    proc = run_cli(
+        *args, "--reward_url", reward_service, "--trust_remote_code", "--model_init_kwargs",
+        kwargs, env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
     saved = json.loads((out / "config.json").read_text())
@@ -258,6 +268,7 @@ def test_custom_code_model_needs_trust_remote_code(tmp_path: Path, demo_models: 
     assert saved["dtype"] == "bfloat16"
 
 
+@pytest.mark.integration
 def test_reward_service_not_reachable_is_one_line(
     tmp_path: Path, demo_models: DemoModels, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -275,6 +286,7 @@ def test_reward_service_not_reachable_is_one_line(
     assert err[-1].startswith("online-dpo: error: reward_url: ") and url in err[-1], err
 
 
+@pytest.mark.unit
 def test_bad_demo_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--max-steps", "0"]) == 2
     assert capsys.readouterr().err == "online-dpo: error: --max-steps must be >= 1, got 0\n"

@@ -13,14 +13,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -35,6 +33,7 @@ from common.client import (
     split_urls,
 )
 from common.schemas import ScoreItem
+from tests.support import serve, wait_ready
 
 API_KEY = "client-test-key-123"
 SECRET_TEXT = "okapi-marker-never-logged"
@@ -156,28 +155,6 @@ def fake_app(replica: Replica) -> FastAPI:
         return await answer(request, ok)
 
     return app
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free loopback port, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, log_level="critical", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "fake server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def closed_port_url() -> str:
@@ -327,6 +304,7 @@ def test_scores_in_order_with_auth_and_identity(make, fakes, caplog) -> None:
         client.score([])
 
 
+@pytest.mark.slow
 def test_least_outstanding_routing_then_round_robin(make, fakes) -> None:
     a, b = fakes
     client, _ = make([a.url, b.url])
@@ -523,23 +501,17 @@ def test_async_client_native_use(fakes) -> None:
 
 # ----------------------------------------------------------------------------- real service
 @pytest.fixture(scope="module")
-def real_service(request: pytest.FixtureRequest) -> Iterator[str]:
-    from common.demo_models import ensure_demo_models
+def real_service(reward_path: Path) -> Iterator[str]:
+    """The demo reward model with an API key, in this process."""
     from reward_service.app import create_app
     from reward_service.settings import ServiceSettings
 
-    try:
-        reward: Path = request.getfixturevalue("demo_models").reward
-    except pytest.FixtureLookupError:
-        reward = ensure_demo_models().reward
-    with serve(create_app(ServiceSettings(model=str(reward), api_key=API_KEY))) as url:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, "reward service not ready"
-            time.sleep(0.05)
+    with serve(create_app(ServiceSettings(model=str(reward_path), api_key=API_KEY))) as url:
+        wait_ready(url)
         yield url
 
 
+@pytest.mark.slow
 def test_against_the_real_service(make, real_service) -> None:
     client, events = make(real_service)
     items = [

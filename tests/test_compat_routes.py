@@ -37,8 +37,11 @@ from reward_service.compat import (
 )
 from reward_service.errors import ApiError
 from reward_service.settings import ServiceSettings
-from tests.test_service import Reference, metric, serve, wait_ready
+from tests.support import serve, wait_ready
+from tests.test_service import Reference, metric
 
+# Full suite only: its own service (key, served name, truncation, limits).
+pytestmark = pytest.mark.slow
 API_KEY = "compat-routes-key"
 KEY = {"Authorization": f"Bearer {API_KEY}"}
 SERVED = "demo-rm"
@@ -46,11 +49,6 @@ MAX_LENGTH = 24
 MAX_ITEMS = 8
 TEXTS = ["the movie was great .", "the plot was dull and the acting was awful ."]
 LONG = "the music was lovely and the story was slow . " * 6  # > MAX_LENGTH tokens
-
-
-@pytest.fixture(scope="module")
-def reward_path(demo_models: Any) -> Path:
-    return demo_models.reward
 
 
 @pytest.fixture(scope="module")

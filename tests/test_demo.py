@@ -57,6 +57,7 @@ def _run_trainer(out: Path, max_steps: int, resume: str | None = None) -> None:
     trainer.train(resume_from_checkpoint=resume)
 
 
+@pytest.mark.integration
 def test_metrics_jsonl_resume_does_not_duplicate_steps(tmp_path: Path) -> None:
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _run_trainer(full, max_steps=4)
@@ -71,6 +72,7 @@ def test_metrics_jsonl_resume_does_not_duplicate_steps(tmp_path: Path) -> None:
     assert losses == pytest.approx([r["loss"] for r in train_logs(full)])
 
 
+@pytest.mark.integration
 def test_fresh_run_starts_metrics_over(tmp_path: Path) -> None:
     _run_trainer(tmp_path, max_steps=2)
     _run_trainer(tmp_path, max_steps=2)
@@ -78,6 +80,7 @@ def test_fresh_run_starts_metrics_over(tmp_path: Path) -> None:
     assert steps == [1, 2]
 
 
+@pytest.mark.unit
 def test_metrics_are_valid_json_with_nan_as_null(tmp_path: Path) -> None:
     callback = MetricsJsonlCallback(tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
@@ -88,6 +91,7 @@ def test_metrics_are_valid_json_with_nan_as_null(tmp_path: Path) -> None:
     assert json.loads(line) == {"step": 5, "epoch": 0.5, "objective/kl": None, "beta": 0.1}
 
 
+@pytest.mark.unit
 def test_reward_curve_png(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "objective/scores": s / 10, "objective/kl": s / 5} for s in range(1, 11)]
@@ -98,6 +102,7 @@ def test_reward_curve_png(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(

@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
+from tests import support
 from tests.support import exited_within, process_alive, tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
 from trainer.checkpoint import STAGING_DIR
 from trainer.cli import main as cli_main
 from trainer.losses import dpo_losses
 from trainer.metrics import StepRecord
-from trainer.service_process import running_service
 from trainer.trainer import OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,29 +77,21 @@ class RecordingTrainer(OnlineDPOTrainer):
 
 
 def make_trainer(demo_models: Any, dataset: Dataset, output_dir: Path, url: str, **kw: Any) -> Any:
-    return RecordingTrainer(
-        AutoModelForCausalLM.from_pretrained(demo_models.policy),
-        args=tiny_config(output_dir, url, **kw),
-        processing_class=AutoTokenizer.from_pretrained(demo_models.policy, padding_side="left"),
-        train_dataset=dataset,
-        callbacks=[MetricsJsonlCallback()],
-    )
+    """A ``RecordingTrainer`` with ``tiny_config(output_dir, url, **kw)`` that writes metrics."""
+    return support.make_trainer(
+        demo_models, tiny_config(output_dir, url, **kw), dataset,
+        trainer_class=RecordingTrainer, callbacks=[MetricsJsonlCallback()],
+    )  # fmt: skip
 
 
 def train_records(output_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(output_dir / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.fixture(scope="module")
-def service(demo_models: Any) -> Any:
-    with running_service(demo_models.reward) as url:
-        yield url
-
-
 # ----------------------------------------------------------------------------- DDP
 
 
-def ddp_config(demo_models: Any, service: str) -> dict[str, Any]:
+def ddp_config(demo_models: Any, url: str) -> dict[str, Any]:
     """The CLI config both DDP tests start from: 4 short steps of the demo policy."""
     return {
         "model_name_or_path": str(demo_models.policy),
@@ -114,7 +106,7 @@ def ddp_config(demo_models: Any, service: str) -> dict[str, Any]:
         "disable_tqdm": True,
         "ddp_find_unused_parameters": False,
         "seed": 0,
-        "reward_url": service,
+        "reward_url": url,
     }
 
 
@@ -134,13 +126,13 @@ def launch_two_ranks(config: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_semantics(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """2 processes x batch 2 (``accelerate launch``, gloo) vs 1 process x batch 4: both
     finish with the same steps, logged keys and epoch (a global batch of 4 per step), loss
     ln 2 at step 1 in both, metrics and checkpoints written once, each rank scores its own
     pairs, and the staged checkpoint holds every rank's RNG state."""
-    base = {**ddp_config(demo_models, service), "save_strategy": "steps", "save_steps": 2}
+    base = {**ddp_config(demo_models, reward_service), "save_strategy": "steps", "save_steps": 2}
     steps, k, global_batch = base["max_steps"], 2, 4
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     ddp_yaml, single_yaml = tmp_path / "ddp.yaml", tmp_path / "single.yaml"
@@ -149,11 +141,11 @@ def test_ddp_two_processes_match_one_process_semantics(
         config = {**base, "output_dir": str(out), "per_device_train_batch_size": batch}
         path.write_text(yaml.safe_dump(config))
 
-    before = service_counts(service)
+    before = service_counts(reward_service)
     launch_two_ranks(ddp_yaml)
-    after_ddp = service_counts(service)
+    after_ddp = service_counts(reward_service)
     assert cli_main(["train", "--config", str(single_yaml)]) == 0
-    after_single = service_counts(service)
+    after_single = service_counts(reward_service)
 
     # Each rank sends its own /score request per step with its own K x B/2 completions.
     assert after_ddp[0] - before[0] == 2 * steps
@@ -183,13 +175,13 @@ def test_ddp_two_processes_match_one_process_semantics(
 
 @pytest.mark.slow
 def test_ddp_async_ranks_sample_in_their_own_processes_and_resume_exactly(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """Async generation on 2 DDP ranks: each rank forks its own rollout process (staleness
     ``[0, 1, 1, 1]``), each checkpoint holds each rank's rollouts sampled ahead, and a run
     resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted one."""
     base = {
-        **ddp_config(demo_models, service),
+        **ddp_config(demo_models, reward_service),
         "per_device_train_batch_size": 2,
         "async_generation": True,
     }
@@ -219,8 +211,10 @@ def test_ddp_async_ranks_sample_in_their_own_processes_and_resume_exactly(
 
 
 @pytest.mark.parametrize("backend", ["process", "thread"])
+@pytest.mark.slow
+@pytest.mark.integration
 def test_async_generation_same_data_one_step_stale(
-    demo_models: Any, service: str, tmp_path: Path, backend: str
+    demo_models: Any, reward_service: str, tmp_path: Path, backend: str
 ) -> None:
     """Async mode trains the same batches in the same order as sync mode, each sampled by the
     weights of at most one step before (0 on the first step of an epoch), and scores no
@@ -229,9 +223,9 @@ def test_async_generation_same_data_one_step_stale(
     steps = 7
     runs = {}
     for mode in (False, True):
-        before = service_counts(service)[1]
+        before = service_counts(reward_service)[1]
         trainer = make_trainer(
-            demo_models, dataset, tmp_path / f"async-{mode}", service,
+            demo_models, dataset, tmp_path / f"async-{mode}", reward_service,
             per_device_train_batch_size=8, max_steps=steps, async_generation=mode,
             async_generation_backend=backend,
         )  # fmt: skip
@@ -240,7 +234,7 @@ def test_async_generation_same_data_one_step_stale(
         trainer.train()
         runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
         assert trainer.state.global_step == steps
-        assert service_counts(service)[1] - before == steps * 2 * 8
+        assert service_counts(reward_service)[1] - before == steps * 2 * 8
     (sync, sync_records), (asy, async_records) = runs[False], runs[True]
     assert asy.order == sync.order
     assert [r["async/staleness"] for r in async_records] == [0, 1, 1, 0, 1, 1, 0]
@@ -253,15 +247,16 @@ def test_async_generation_same_data_one_step_stale(
     assert not queue._pending and queue._pool is None and queue.process is None
 
 
+@pytest.mark.slow
 def test_async_process_backend_samples_in_another_process(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """The process backend's rollout process has its own pid, holds the reference, and its
     samples follow the published weights: two runs with the same seed are identical."""
     records = []
     for run in range(2):
         trainer = make_trainer(
-            demo_models, prompts(demo_models, 16), tmp_path / f"p{run}", service,
+            demo_models, prompts(demo_models, 16), tmp_path / f"p{run}", reward_service,
             per_device_train_batch_size=4, max_steps=4, async_generation=True,
             async_generation_backend="process",
         )  # fmt: skip
@@ -275,13 +270,14 @@ def test_async_process_backend_samples_in_another_process(
     assert records[0] == records[1]
 
 
+@pytest.mark.slow
 def test_async_process_death_is_a_clear_error(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """A rollout process killed mid-run stops training with an error that says so (no hang,
     no made-up rollout)."""
     trainer = make_trainer(
-        demo_models, prompts(demo_models, 32), tmp_path / "dead", service,
+        demo_models, prompts(demo_models, 32), tmp_path / "dead", reward_service,
         per_device_train_batch_size=4, max_steps=8, async_generation=True,
         async_generation_backend="process",
     )  # fmt: skip
@@ -327,8 +323,9 @@ print("STEPS", trainer.state.global_step)
 """
 
 
+@pytest.mark.slow
 def test_async_process_backend_in_a_script_without_main_guard_and_own_policy_class(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """The rollout process is forked, not spawned: it neither re-runs the training script
     nor needs to import the policy's class, so a script that trains at top level (no
@@ -337,7 +334,8 @@ def test_async_process_backend_in_a_script_without_main_guard_and_own_policy_cla
     script.write_text(UNGUARDED_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(demo_models.policy), service, str(tmp_path / "out")],
+        [sys.executable, str(script), str(demo_models.policy), reward_service,
+         str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -358,6 +356,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the trainer dies withou
 """
 
 
+@pytest.mark.slow
 def test_rollout_process_exits_when_the_trainer_is_killed(demo_models: Any, tmp_path: Path) -> None:
     script, out, err = (tmp_path / name for name in ("killed_trainer.py", "stdout", "stderr"))
     script.write_text(KILLED_TRAINER_SCRIPT)
@@ -384,12 +383,16 @@ class RolloutPidSpy(TrainerCallback):
 # ----------------------------------------------------------------------------- K samples
 
 
-def test_k4_pairs_best_and_worst_sample(demo_models: Any, service: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.integration
+def test_k4_pairs_best_and_worst_sample(
+    demo_models: Any, reward_service: str, tmp_path: Path
+) -> None:
     """K=4: for every prompt the chosen sample has the highest reward of its 4 and the rejected
     one the lowest; the logged margin is their difference."""
     b, k = 4, 4
     trainer = make_trainer(
-        demo_models, prompts(demo_models, 16), tmp_path / "k4", service,
+        demo_models, prompts(demo_models, 16), tmp_path / "k4", reward_service,
         per_device_train_batch_size=b, num_samples_per_prompt=k, max_steps=3,
     )  # fmt: skip
     trainer.train()
@@ -405,14 +408,16 @@ def test_k4_pairs_best_and_worst_sample(demo_models: Any, service: str, tmp_path
         assert record["objective/scores_margin"] == pytest.approx(margin, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_skip_tied_pairs_leaves_ties_out_of_the_loss(
-    demo_models: Any, service: str, tmp_path: Path
+    demo_models: Any, reward_service: str, tmp_path: Path
 ) -> None:
     """Near-greedy sampling makes many identical (tied) pairs: ``val/tied_pairs`` logs their
     share and the loss averages the untied pairs only."""
     b = 8
     trainer = make_trainer(
-        demo_models, prompts(demo_models, 32), tmp_path / "ties", service,
+        demo_models, prompts(demo_models, 32), tmp_path / "ties", reward_service,
         per_device_train_batch_size=b, temperature=0.05, skip_tied_pairs=True, max_steps=4,
     )  # fmt: skip
     trainer.train()

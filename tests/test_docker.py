@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,6 +30,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.demo_models import DemoModels, builder_key
+from tests.support import wait_ready
+from trainer.service_process import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -93,12 +94,6 @@ def _compose_command() -> list[str]:
     pytest.skip("no compose client (`docker compose` plugin or docker-compose 1.29+)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """One compose project of the repo's docker-compose.yml, isolated by name and env file."""
@@ -124,18 +119,6 @@ class Stack:
         ids = self("ps", "-a", "-q", service).stdout.split()
         assert len(ids) == 1, f"{service}: containers {ids}"
         return ids[0]
-
-
-def _wait_ready(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/ready not 200 after {timeout} s")
 
 
 def _items_scored(url: str) -> float:
@@ -211,7 +194,7 @@ def stack(
     )
     assert build.returncode == 0, f"build-test-base.sh failed:\n{build.stderr[-5000:]}"
     image = build.stdout.strip().splitlines()[-1].removeprefix("IMAGE=")
-    port, port2 = _free_port(), _free_port()
+    port, port2 = free_port(), free_port()
     env_file = tmp_path_factory.mktemp("compose") / "test.env"
     env_file.write_text(
         f"IMAGE={image}\n"
@@ -233,7 +216,7 @@ def stack(
 
 
 def test_score_on_published_port(stack: Stack) -> None:
-    _wait_ready(stack.url, timeout=60)
+    wait_ready(stack.url, timeout=60)
     body = {
         "items": [
             {"text": "The film was wonderful , great and lovely ."},
@@ -251,7 +234,7 @@ def test_score_on_published_port(stack: Stack) -> None:
 
 
 def test_trainer_survives_redeploy_with_other_reward_model(stack: Stack) -> None:
-    _wait_ready(stack.url, timeout=60)
+    wait_ready(stack.url, timeout=60)
     trainer = stack.container("trainer")
     old_hash = _info(stack.url)["weights_hash"]
     # Redeploy once the trainer has scored two steps (16 prompts x 2 samples per step).
@@ -264,7 +247,7 @@ def test_trainer_survives_redeploy_with_other_reward_model(stack: Stack) -> None
         time.sleep(0.5)
 
     stack("up", "-d", "--no-build", "reward", env={"REWARD_MODEL": "/models/reward_alt"})
-    _wait_ready(stack.url, timeout=120)
+    wait_ready(stack.url, timeout=120)
     info = _info(stack.url)
     assert info["model_id"] == "/models/reward_alt"
     assert info["weights_hash"] != old_hash
@@ -303,7 +286,7 @@ def test_trainer_uses_two_replicas(stack: Stack) -> None:
     # new one with an API key, which the trainer gets through compose (REWARD_API_KEY).
     alt = {"REWARD_MODEL": "/models/reward_alt", "REWARD_API_KEY": API_KEY}
     stack("up", "-d", "--no-build", "reward2", env=alt)
-    _wait_ready(stack.url2, timeout=120)
+    wait_ready(stack.url2, timeout=120)
     denied = httpx.post(f"{stack.url2}/score", json={"items": [{"text": "good ."}]}, timeout=30)
     assert denied.status_code == 401
     assert denied.json()["error"]["type"] == "unauthorized"

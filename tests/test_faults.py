@@ -16,20 +16,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from datasets import Dataset
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     Trainer,
     TrainerCallback,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from common.demo_models import DemoModels
+from tests import support
 from tests.support import tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
 from trainer.checkpoint import STAGING_DIR
@@ -71,18 +71,13 @@ class StepCounter(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def make_trainer(models_root: Path, args: Any, callbacks: list[Any] | None = None) -> Any:
-    """The trainer of these tests; it records the prompts of every step in ``trainer.order``."""
-    prompts = [json.loads(line)["prompt"] for line in (models_root / "data" / "train_prompts.jsonl")
-               .read_text().splitlines()]  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(models_root / "policy", padding_side="left")
-    trainer = RecordingTrainer(
-        AutoModelForCausalLM.from_pretrained(models_root / "policy"),
-        args=args,
-        processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
+def make_trainer(demo_models: DemoModels, args: Any, callbacks: list[Any] | None = None) -> Any:
+    """The trainer of these tests on the demo's training prompts; it records the prompts of
+    every step in ``trainer.order``."""
+    trainer = support.make_trainer(
+        demo_models, args, trainer_class=RecordingTrainer,
         callbacks=[MetricsJsonlCallback(), StepCounter(), *(callbacks or [])],
-    )
+    )  # fmt: skip
     trainer.order = []
     return trainer
 
@@ -121,26 +116,22 @@ def items_scored(url: str) -> float:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def shared_service(demo_models: Any) -> Any:
-    """The module's reward service; the kill test kills and restarts it on the same port."""
-    service = ServiceProcess(demo_models.reward)
+@pytest.fixture
+def doomed_service(demo_models: DemoModels, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A service of this test's own, for a test that kills it."""
+    service = ServiceProcess(demo_models.reward, log_path=tmp_path / "doomed.log")
     service.start()
     yield service
     service.stop()
-    service.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def service(shared_service: ServiceProcess) -> str:
-    return shared_service.url
-
-
-@pytest.fixture(scope="module")
-def reference(demo_models: Any, service: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def reference(
+    demo_models: Any, reward_service: str, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     """The uninterrupted run: its data order and metrics."""
     out = tmp_path_factory.mktemp("reference")
-    trainer = make_trainer(demo_models.root, run_config(out, service))
+    trainer = make_trainer(demo_models, run_config(out, reward_service))
     trainer.train()
     assert trainer.state.global_step == MAX_STEPS
     return trainer.order, train_metrics(out)
@@ -151,11 +142,11 @@ def reference(demo_models: Any, service: str, tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.slow
 def test_reward_service_killed_and_restarted(
-    demo_models: Any, shared_service: ServiceProcess, reference: Any, tmp_path: Path
+    demo_models: Any, doomed_service: ServiceProcess, reference: Any, tmp_path: Path
 ) -> None:
     """kill -9 the only reward service after step 2, restart it on the same port 10 s later:
     the trainer waits and retries, then finishes exactly as the uninterrupted run."""
-    service = shared_service
+    service = doomed_service
     timeline: dict[str, float] = {}
     restarter = threading.Thread(target=lambda: restart_later(), daemon=True)
 
@@ -175,14 +166,12 @@ def test_reward_service_killed_and_restarted(
 
     out = tmp_path / "run"
     try:
-        trainer = make_trainer(demo_models.root, run_config(out, service.url), [KillService()])
+        trainer = make_trainer(demo_models, run_config(out, service.url), [KillService()])
         trainer.train()
         finished = time.monotonic()
     finally:
         if restarter.is_alive():
             restarter.join()
-        if service.process.poll() is not None:  # leave a live service to the other tests
-            service.start()
 
     order, metrics = reference
     assert trainer.state.global_step == MAX_STEPS
@@ -198,28 +187,28 @@ def test_reward_service_killed_and_restarted(
 
 @pytest.mark.slow
 def test_one_of_two_replicas_killed(
-    demo_models: Any, service: str, reference: Any, tmp_path: Path
+    demo_models: Any,
+    doomed_service: ServiceProcess,
+    reward_service: str,
+    reference: Any,
+    tmp_path: Path,
 ) -> None:
     """Two replicas; kill -9 one after step 3: the run finishes on the other, unchanged."""
-    doomed = ServiceProcess(demo_models.reward, log_path=tmp_path / "doomed.log")
-    doomed.start()
+    doomed = doomed_service
     before: dict[str, float] = {}
 
     class KillReplica(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == 3:
                 before["doomed"] = items_scored(doomed.url)
-                before["survivor"] = items_scored(service)
+                before["survivor"] = items_scored(reward_service)
                 doomed.process.send_signal(signal.SIGKILL)
                 doomed.process.wait()
 
     out = tmp_path / "run"
-    try:
-        urls = f"{doomed.url},{service}"
-        trainer = make_trainer(demo_models.root, run_config(out, urls), [KillReplica()])
-        trainer.train()
-    finally:
-        doomed.stop()
+    urls = f"{doomed.url},{reward_service}"
+    trainer = make_trainer(demo_models, run_config(out, urls), [KillReplica()])
+    trainer.train()
 
     order, metrics = reference
     assert trainer.state.global_step == MAX_STEPS
@@ -229,7 +218,7 @@ def test_one_of_two_replicas_killed(
     assert before["doomed"] > 0  # both replicas served before the kill
     k, b = 2, 4
     # Steps 4..8 were all scored by the survivor.
-    assert items_scored(service) - before["survivor"] >= (MAX_STEPS - 3) * k * b
+    assert items_scored(reward_service) - before["survivor"] >= (MAX_STEPS - 3) * k * b
 
 
 # ----------------------------------------------------------------------------- trainer faults
@@ -248,12 +237,12 @@ def _worker(args_json: str) -> None:
                 time.sleep(600)
 
     config = run_config(out, spec["url"], save_strategy="steps", save_steps=SAVE_STEPS)
-    make_trainer(Path(spec["models_root"]), config, [BlockAt()]).train()
+    make_trainer(DemoModels.at(spec["models_root"]), config, [BlockAt()]).train()
 
 
 @pytest.mark.slow
 def test_trainer_killed_then_resumed(
-    demo_models: Any, service: str, reference: Any, tmp_path: Path
+    demo_models: Any, reward_service: str, reference: Any, tmp_path: Path
 ) -> None:
     """SIGKILL the trainer process after step 5 (updated, not saved; checkpoints 2 and 4
     exist), resume from the newest checkpoint: the resumed run's metrics (step 5 redone, then
@@ -261,7 +250,7 @@ def test_trainer_killed_then_resumed(
     out, marker = tmp_path / "run", tmp_path / "blocked"
     spec = {
         "output_dir": str(out),
-        "url": service,
+        "url": reward_service,
         "models_root": str(demo_models.root),
         "block_at": 5,
         "marker": str(marker),
@@ -284,7 +273,7 @@ def test_trainer_killed_then_resumed(
     assert proc.returncode == -signal.SIGKILL
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
-    trainer = make_trainer(demo_models.root, run_config(out, service, save_strategy="no"))
+    trainer = make_trainer(demo_models, run_config(out, reward_service, save_strategy="no"))
     trainer.train(resume_from_checkpoint=True)
 
     order, metrics = reference
@@ -295,8 +284,9 @@ def test_trainer_killed_then_resumed(
     assert_same_metrics(train_metrics(out), metrics, range(1, MAX_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_crash_mid_save_keeps_previous_checkpoint(
-    demo_models: Any, service: str, reference: Any, tmp_path: Path, monkeypatch: Any
+    demo_models: Any, reward_service: str, reference: Any, tmp_path: Path, monkeypatch: Any
 ) -> None:
     """A crash after the weights of checkpoint 4 are written but before its optimizer state:
     no ``checkpoint-4`` appears, resuming picks ``checkpoint-2`` and reproduces the run."""
@@ -308,10 +298,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(
         save_optimizer(self, output_dir)
 
     out = tmp_path / "run"
-    config = run_config(out, service, save_strategy="steps", save_steps=SAVE_STEPS)
+    config = run_config(out, reward_service, save_strategy="steps", save_steps=SAVE_STEPS)
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", crash_at_step_4)
     with pytest.raises(OSError, match="injected"):
-        make_trainer(demo_models.root, config).train()
+        make_trainer(demo_models, config).train()
     monkeypatch.undo()
 
     half = out / STAGING_DIR / "checkpoint-4"
@@ -321,7 +311,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(
     complete = {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"}
     assert complete <= {p.name for p in (out / "checkpoint-2").iterdir()}
 
-    trainer = make_trainer(demo_models.root, config)
+    trainer = make_trainer(demo_models, config)
     trainer.train(resume_from_checkpoint=True)
     order, metrics = reference
     assert trainer.state.global_step == MAX_STEPS

@@ -56,9 +56,11 @@ from bench.bench_load import (
 from common.schemas import ErrorResponse
 from reward_service.app import PUBLIC_ROUTES, create_app
 from reward_service.settings import ServiceSettings
-from tests.support import exited_within
+from tests.support import exited_within, wait_ready
 from trainer.service_process import free_port
 
+# Full suite only: each test starts its own services (a minute of start-up on 2 cores).
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "k3y-7f1c9e-never-in-logs"
 SECRET = "okapi-quartz-marker"  # request texts containing this must never be logged
@@ -108,17 +110,11 @@ class Service:
         finally:
             self.slow_flag.unlink(missing_ok=True)
 
+    def assert_running(self) -> None:
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.url, timeout, alive=self.assert_running)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -238,6 +234,7 @@ def server_errors(url: str) -> float:
 
 
 # ----------------------------------------------------------------------------- load
+@pytest.mark.slow
 def test_concurrent_mixed_load_has_no_errors_and_exact_scores(
     main_service: str, pool: list[dict[str, Any]], expected: list[float]
 ) -> None:
@@ -252,6 +249,7 @@ def test_concurrent_mixed_load_has_no_errors_and_exact_scores(
 
 
 # ----------------------------------------------------------------------------- overload
+@pytest.mark.slow
 def test_overload_is_429_with_retry_after_memory_levels_off_and_service_recovers(
     services: dict[str, Service], pool: list[dict[str, Any]], expected: list[float]
 ) -> None:
@@ -691,6 +689,7 @@ def _model_process(service_pid: int) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_model_process_death_stops_the_service_and_a_killed_service_takes_it_along(
     demo_models: Any, tmp_path: Path
 ) -> None:
@@ -715,6 +714,7 @@ def test_model_process_death_stops_the_service_and_a_killed_service_takes_it_alo
 
 
 # ----------------------------------------------------------------------------- SIGTERM (last)
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
     services: dict[str, Service], pool: list[dict[str, Any]], expected: list[float]
 ) -> None:

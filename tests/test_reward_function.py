@@ -29,6 +29,8 @@ from common.demo_models import DemoModels
 from common.reward_function import RewardServiceFunction
 from trainer.service_process import running_service
 
+# Full suite only: its own service (API key, item limit) and TRL runs.
+pytestmark = pytest.mark.slow
 API_KEY = "reward-function-test-key"
 # Smaller than TRL's batch below, so every call is split into several requests.
 MAX_ITEMS = 3

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.demo_models import ensure_demo_models, generate_corpus
+from common.demo_models import generate_corpus
 from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
 from reward_service.app import SCORING_ROUTES, create_app, direct_endpoints
@@ -34,7 +33,7 @@ from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
 from reward_service.state import ServiceState
-from tests.support import exited_within
+from tests.support import exited_within, serve, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key-for-tests"
@@ -42,42 +41,6 @@ SECRET_TEXT = "zebra-marker-that-must-not-be-logged"
 
 
 # ----------------------------------------------------------------------------- helpers
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free loopback port, in a thread.
-
-    Yields the base URL once the socket listens (the model may still be loading)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-def wait_ready(url: str, timeout: float = 60, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{url}/ready", timeout=2, headers=headers)
-            if response.status_code == 200:
-                return
-            assert response.json()["error"]["type"] == "loading", response.text
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready after {timeout} s")
 
 
 def assert_error(response: httpx.Response, status: int, type_: str, *fragments: str) -> None:
@@ -122,15 +85,6 @@ class Reference:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def reward_path(request: pytest.FixtureRequest) -> Path:
-    try:
-        demo = request.getfixturevalue("demo_models")
-    except pytest.FixtureLookupError:
-        demo = ensure_demo_models()
-    return demo.reward
-
-
 @pytest.fixture(scope="module")
 def ref(reward_path: Path) -> Reference:
     return Reference(reward_path)
@@ -279,6 +233,7 @@ def test_info_health_ready_metrics_docs(client: httpx.Client, reward_path: Path)
     )
 
 
+@pytest.mark.slow
 def test_concurrent_clients_are_merged_into_batches(
     service: str, ref: Reference, texts: list[str]
 ) -> None:
@@ -314,6 +269,7 @@ def test_concurrent_clients_are_merged_into_batches(
     assert batches < n_requests
 
 
+@pytest.mark.slow
 def test_requests_queued_during_a_pass_share_the_next(reward_path: Path, ref: Reference) -> None:
     # 32 texts of one token length: no plan would split them for padding.
     by_length: dict[int, list[str]] = {}
@@ -512,6 +468,7 @@ def test_errors_are_counted_in_metrics(service: str, client: httpx.Client) -> No
 
 
 # ----------------------------------------------------------------------------- auth
+@pytest.mark.slow
 def test_api_key_guards_scoring_routes_and_info(
     reward_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -546,6 +503,7 @@ def test_api_key_guards_scoring_routes_and_info(
 
 
 # ----------------------------------------------------------------------------- extending the app
+@pytest.mark.slow
 def test_middleware_and_dependencies_added_the_fastapi_way_apply_to_score(
     reward_path: Path, ref: Reference
 ) -> None:
@@ -605,6 +563,7 @@ def test_middleware_and_dependencies_added_the_fastapi_way_apply_to_score(
 
 
 # ----------------------------------------------------------------------------- lifecycle
+@pytest.mark.slow
 def test_ready_is_503_until_loaded_and_warmed_up(reward_path: Path) -> None:
     gate = threading.Event()
 
@@ -633,6 +592,7 @@ def test_failed_load_is_reported_by_health_and_ready(tmp_path: Path) -> None:
         assert_error(c.get("/ready"), 503, "load_failed")
 
 
+@pytest.mark.slow
 def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path: Path) -> None:
     app = create_app(ServiceSettings(model=str(reward_path)))
     with serve(app) as url, httpx.Client(base_url=url) as c:
@@ -705,6 +665,7 @@ def multilabel_path(reward_path: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.mark.slow
 def test_multi_label_heads(multilabel_path: Path, texts: list[str]) -> None:
     ref = Reference(multilabel_path)
     expected = [ref.logits_of_ids(ref.ids(t)) for t in texts[:4]]
@@ -824,6 +785,7 @@ def custom_code_model(reward_path: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_a_custom_class_and_is_required_for_it(
     custom_code_model: Path,
 ) -> None:
@@ -881,6 +843,7 @@ def test_loading_options_dtype_attention_and_device_map(reward_path: Path, ref: 
     assert got != pytest.approx(ref.score(text), abs=1e-6)  # really not float32
 
 
+@pytest.mark.slow
 def test_cli_serves_with_env_settings_and_sigterm_drains_in_flight_requests(
     reward_path: Path,
 ) -> None:
@@ -932,6 +895,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_service_exits_when_the_process_that_started_it_is_killed(
     reward_path: Path, tmp_path: Path
 ) -> None:

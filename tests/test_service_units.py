@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 from torch._dynamo.utils import counters
 
-from common.demo_models import ensure_demo_models, generate_corpus
+from common.demo_models import generate_corpus
 from common.schemas import ScoreRequest
 from reward_service.batch_loop import (
     BatchLimits,
@@ -220,15 +220,6 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def reward_path(request: pytest.FixtureRequest) -> Path:
-    try:
-        demo = request.getfixturevalue("demo_models")
-    except pytest.FixtureLookupError:
-        demo = ensure_demo_models()
-    return demo.reward
-
-
-@pytest.fixture(scope="module")
 def scorer(reward_path: Path) -> Scorer:
     """The demo reward model in this process."""
     return Scorer.load(ServiceSettings(model=str(reward_path), forward_process=False))
@@ -244,6 +235,7 @@ def test_scorer_forward_builds_no_kv_cache(scorer: Scorer) -> None:
     assert torch.equal(out.logits, scorer.forward(ids))
 
 
+@pytest.mark.slow
 def test_compiled_model_scores_like_the_eager_one_and_compiles_only_at_warm_up(
     scorer: Scorer, reward_path: Path
 ) -> None:
@@ -259,6 +251,8 @@ def test_compiled_model_scores_like_the_eager_one_and_compiles_only_at_warm_up(
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
     scorer: Scorer, reward_path: Path
 ) -> None:
@@ -281,6 +275,8 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         runner.close()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_batching_loop_in_the_model_process_scores_and_reports_its_exit(
     scorer: Scorer, reward_path: Path
 ) -> None:
@@ -318,6 +314,8 @@ def test_batching_loop_in_the_model_process_scores_and_reports_its_exit(
         runner.close()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_model_process_reraises_its_load_error(tmp_path: Path) -> None:
     settings = ServiceSettings(model=str(tmp_path / "no-model-here"))
     started = time.monotonic()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.client import RewardServiceError
 from common.demo_models import DemoModels
-from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, tiny_config
+from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, make_trainer, tiny_config
 from trainer.config import OnlineDPOConfig
 from trainer.logprobs import (
     completion_token_logps,
@@ -37,7 +36,6 @@ from trainer.logprobs import (
     packed_token_logps,
     truncate_after_eos,
 )
-from trainer.service_process import running_service
 from trainer.trainer import OnlineDPOTrainer
 
 PROMPTS = [
@@ -79,12 +77,6 @@ SAME_AS_TRL = (
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def service(demo_models: DemoModels) -> Iterator[str]:
-    with running_service(demo_models.reward) as url:
-        yield url
-
-
 def config(tmp_path: Path, url: str | None, **overrides: Any) -> OnlineDPOConfig:
     small = {
         "per_device_train_batch_size": 2,
@@ -112,18 +104,6 @@ def perturbed_policy(demo_models: DemoModels, seed: int = 0, scale: float = 0.02
 
 def tokenizer(demo_models: DemoModels) -> Any:
     return AutoTokenizer.from_pretrained(demo_models.policy)
-
-
-def make_trainer(
-    demo_models: DemoModels, args: OnlineDPOConfig, prompts: list[Any] | None = None, **kw: Any
-) -> OnlineDPOTrainer:
-    return OnlineDPOTrainer(
-        kw.pop("model", None) or policy(demo_models),
-        args=args,
-        processing_class=tokenizer(demo_models),
-        train_dataset=Dataset.from_dict({"prompt": prompts or PROMPTS}),
-        **kw,
-    )
 
 
 def completion_ids(tok: Any, texts: list[str], width: int = WIDTH) -> torch.Tensor:
@@ -182,8 +162,9 @@ def step_means(trainer: OnlineDPOTrainer) -> dict[str, float]:
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.slow
 def test_loss_and_metrics_equal_trls(
-    demo_models: DemoModels, service: str, tmp_path: Path, loss_type: str, padding_free: bool
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, loss_type: str, padding_free: bool
 ) -> None:
     """Same policy, prompts, completions and rewards: TRL 1.16's loss, gradients and the
     metrics both define alike, to 1e-6 (relative to the log-prob sums), with and without
@@ -207,12 +188,13 @@ def test_loss_and_metrics_equal_trls(
         demo_models,
         config(
             tmp_path,
-            service,
+            reward_service,
             **common,
             bf16=False,
             gradient_checkpointing=False,
             padding_free=padding_free,
         ),
+        PROMPTS,
         ref_model=perturbed_policy(demo_models),
     )
     assert ours.padding_free == padding_free
@@ -290,11 +272,12 @@ def test_loss_and_metrics_equal_trls(
 # ----------------------------------------------------------------------------- TRL defect 1
 
 
+@pytest.mark.slow
 def test_beta_list_gives_each_epoch_its_beta_then_the_last(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
     """TRL indexes the list with the float epoch and crashes at step 2."""
-    args = config(tmp_path, service, max_steps=-1, num_train_epochs=3, beta=[0.1, 0.5])
+    args = config(tmp_path, reward_service, max_steps=-1, num_train_epochs=3, beta=[0.1, 0.5])
     trainer = make_trainer(demo_models, args, PROMPTS[:2])  # one step per epoch
     trainer.train()
     logs = train_logs(trainer)
@@ -315,27 +298,28 @@ def per_prompt_completions(tok: Any, prompts: list[str]) -> dict[tuple, torch.Te
 
 
 def one_update(demo_models: DemoModels, args: OnlineDPOConfig) -> tuple[Any, dict[str, float]]:
-    trainer = make_trainer(demo_models, args, ref_model=perturbed_policy(demo_models))
+    trainer = make_trainer(demo_models, args, PROMPTS, ref_model=perturbed_policy(demo_models))
     fixed_generate(trainer.model, per_prompt_completions(trainer.processing_class, PROMPTS))
     trainer.train()
     return trainer.model, train_logs(trainer)[1]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
     """One SGD update from 4 prompts in one batch equals the one from 2 accumulated batches
     of 2 (TRL sums the accumulated gradients: twice the update)."""
     common = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 1e9}
     start = policy(demo_models)
     full, full_log = one_update(
-        demo_models, config(tmp_path / "a", service, per_device_train_batch_size=4, **common)
+        demo_models, config(tmp_path / "a", reward_service, per_device_train_batch_size=4, **common)
     )
     accumulated, acc_log = one_update(
         demo_models,
         config(
-            tmp_path / "b", service, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            **common,
+            tmp_path / "b", reward_service, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, **common,
         ),
     )  # fmt: skip
     step = max(
@@ -370,7 +354,7 @@ def hand_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
 
 def test_kl_entropy_and_non_score_reward_leave_padding_out(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
     """KL, entropy, non-score and RLHF reward sum over each completion up to its EOS only
     (TRL sums the padding after it too), checked against a plain forward by hand."""
@@ -388,9 +372,9 @@ def test_kl_entropy_and_non_score_reward_leave_padding_out(
 
     ref = perturbed_policy(demo_models)
     beta, penalty = 0.2, 0.5
-    args = config(tmp_path, service, per_device_train_batch_size=4, beta=beta,
+    args = config(tmp_path, reward_service, per_device_train_batch_size=4, beta=beta,
                   missing_eos_penalty=penalty)  # fmt: skip
-    trainer = make_trainer(demo_models, args, ref_model=ref)
+    trainer = make_trainer(demo_models, args, PROMPTS, ref_model=ref)
     fixed_generate(trainer.model, raw)
     spy = ScoreSpy(trainer)
     trainer.compute_loss(trainer.model, {"prompt": PROMPTS})
@@ -421,11 +405,12 @@ def test_kl_entropy_and_non_score_reward_leave_padding_out(
 # ----------------------------------------------------------------------------- TRL defect 4
 
 
+@pytest.mark.slow
 def test_generation_keeps_the_kv_cache_under_gradient_checkpointing(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
-    args = config(tmp_path, service, gradient_checkpointing=True)
-    trainer = make_trainer(demo_models, args)
+    args = config(tmp_path, reward_service, gradient_checkpointing=True)
+    trainer = make_trainer(demo_models, args, PROMPTS)
     model = trainer.model
     calls: list[tuple[int, int, bool]] = []
 
@@ -454,15 +439,16 @@ def test_generation_keeps_the_kv_cache_under_gradient_checkpointing(
 # ----------------------------------------------------------------------------- TRL defect 5
 
 
+@pytest.mark.slow
 def test_evaluate_reports_reward_and_win_rate(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
     eval_prompts = [
         json.loads(line)["prompt"] for line in demo_models.eval_prompts.read_text().splitlines()
     ][:6]
-    args = config(tmp_path, service, per_device_eval_batch_size=4)
+    args = config(tmp_path, reward_service, per_device_eval_batch_size=4)
     trainer = make_trainer(
-        demo_models, args, eval_dataset=Dataset.from_dict({"prompt": eval_prompts})
+        demo_models, args, PROMPTS, eval_dataset=Dataset.from_dict({"prompt": eval_prompts})
     )
     metrics = trainer.evaluate()
     assert metrics["eval_samples"] == 6  # two batches, the last one short
@@ -482,6 +468,7 @@ def test_evaluate_reports_reward_and_win_rate(
 
 
 @pytest.mark.parametrize(("max_new_tokens", "max_length"), [(8, 8), (9, 8), (64, 16)])
+@pytest.mark.unit
 def test_max_new_tokens_not_below_max_length_is_refused(
     max_new_tokens: int, max_length: int, tmp_path: Path
 ) -> None:
@@ -531,6 +518,7 @@ def test_left_truncation_keeps_log_probs_aligned(
 
 
 @pytest.mark.parametrize(("num_samples", "attention"), [(1, "sdpa"), (2, "sdpa"), (2, "eager")])
+@pytest.mark.slow
 def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
     demo_models: DemoModels, num_samples: int, attention: str
 ) -> None:
@@ -570,6 +558,7 @@ def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.unit
 def test_packing_refuses_completions_that_do_not_share_their_prompt() -> None:
     prompts = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6]])
     completions = torch.ones(4, 3, dtype=torch.long)
@@ -600,8 +589,9 @@ def packing_mask_ignored(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
         )
 
 
+@pytest.mark.slow
 def test_padding_free_default_is_on_for_cpu_training_and_packs_once_per_step(
-    demo_models: DemoModels, service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CPU padding-free passes are the default; the reference and the policy pass share
     one packed batch per step."""
@@ -615,23 +605,26 @@ def test_padding_free_default_is_on_for_cpu_training_and_packs_once_per_step(
         return pack(*args)
 
     monkeypatch.setattr(trainer_module, "pack_completions", counted)
-    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2))
+    trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), PROMPTS)
     assert trainer.padding_free
     trainer.train()
     assert len(packs) == 2
-    assert not make_trainer(demo_models, config(tmp_path, service, padding_free=False)).padding_free
+    assert not make_trainer(
+        demo_models, config(tmp_path, reward_service, padding_free=False), PROMPTS
+    ).padding_free
 
 
+@pytest.mark.slow
 def test_padding_free_stays_off_for_a_model_that_ignores_the_packed_mask(
-    demo_models: DemoModels, service: str, tmp_path: Path, packing_mask_ignored: None,
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, packing_mask_ignored: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     with caplog.at_level("WARNING", logger="trainer.logprobs"):
-        trainer = make_trainer(demo_models, config(tmp_path, service))
+        trainer = make_trainer(demo_models, config(tmp_path, reward_service), PROMPTS)
     assert not trainer.padding_free
     assert "padding_free off" in caplog.text and "does not keep packed" in caplog.text
     with pytest.raises(ValueError, match="padding_free=True: LlamaForCausalLM with sdpa"):
-        make_trainer(demo_models, config(tmp_path, service, padding_free=True))
+        make_trainer(demo_models, config(tmp_path, reward_service, padding_free=True), PROMPTS)
 
 
 # ----------------------------------------------------------------------------- TRL defect 7
@@ -645,7 +638,7 @@ def test_reward_service_not_listening_fails_at_start(
     args = config(tmp_path, f"http://127.0.0.1:{free_port()}", reward_max_retries=0,
                   reward_timeout=2.0)  # fmt: skip
     with pytest.raises(RewardServiceError):
-        make_trainer(demo_models, args)
+        make_trainer(demo_models, args, PROMPTS)
 
 
 class FaultyService:
@@ -693,16 +686,17 @@ class FaultyService:
     [("down", "RewardServiceUnavailable"), (503, "RewardServiceUnavailable"),
      (422, "RewardServiceError")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_failed_reward_requests_raise_instead_of_scoring_zero(
-    demo_models: DemoModels, service: str, tmp_path: Path, fault: str | int, error_type: str
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, fault: str | int, error_type: str
 ) -> None:
     """The service stops after the trainer started, answers 503 (retried, then given up), or
     refuses the request (4xx, not retried): training stops with the error; no step is taken
     and no score is logged."""
-    stub = FaultyService(service, 503 if fault == "down" else int(fault))
+    stub = FaultyService(reward_service, 503 if fault == "down" else int(fault))
     try:
         args = config(tmp_path, stub.url, max_steps=2, reward_max_retries=1, reward_timeout=2.0)
-        trainer = make_trainer(demo_models, args)
+        trainer = make_trainer(demo_models, args, PROMPTS)
         if fault == "down":
             stub.close()
         with pytest.raises(RewardServiceError) as error:
@@ -722,8 +716,9 @@ def test_failed_reward_requests_raise_instead_of_scoring_zero(
 # ----------------------------------------------------------------------------- overlap
 
 
+@pytest.mark.slow
 def test_score_request_overlaps_the_log_prob_forwards(
-    demo_models: DemoModels, service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow reward service (0.3 s per request) and slower log-prob forwards (0.5 s each):
     the request is in flight while the reference and policy forwards run, so the trainer
@@ -739,7 +734,7 @@ def test_score_request_overlaps_the_log_prob_forwards(
         return out
 
     monkeypatch.setattr(OnlineDPOTrainer, "_token_logps", slow_forward)
-    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2))
+    trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), PROMPTS)
     score = trainer.scorer.client.score
 
     def slow_score(*args: Any, **kwargs: Any) -> Any:
@@ -776,8 +771,9 @@ RESUMED = ("loss", "grad_norm", "objective/scores", "objective/kl", "rewards/mar
 
 
 @pytest.mark.parametrize("backend", [None, "process", "thread"], ids=["sync", "process", "thread"])
+@pytest.mark.slow
 def test_end_to_end_run_then_resume_reproduces_it(
-    demo_models: DemoModels, service: str, tmp_path: Path, backend: str | None
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, backend: str | None
 ) -> None:
     """4 steps against the real service with every TRL metric logged; a run resumed from the
     step-2 checkpoint logs the same steps 3 and 4. In async mode the checkpoint also holds
@@ -786,7 +782,7 @@ def test_end_to_end_run_then_resume_reproduces_it(
     prompts = train_prompts(demo_models, 16)
     mode = {"async_generation": backend is not None, "async_generation_backend": backend or "auto"}
     args = config(
-        tmp_path / "full", service, max_steps=4, save_strategy="steps", save_steps=2, **mode
+        tmp_path / "full", reward_service, max_steps=4, save_strategy="steps", save_steps=2, **mode
     )
     full = make_trainer(demo_models, args, prompts)
     full.train()
@@ -801,7 +797,7 @@ def test_end_to_end_run_then_resume_reproduces_it(
     assert (checkpoint / "trainer_state.json").exists()
     assert (checkpoint / "async_rollouts-0.pt").exists() == (backend is not None)
 
-    args = config(tmp_path / "resumed", service, max_steps=4, save_strategy="no", **mode)
+    args = config(tmp_path / "resumed", reward_service, max_steps=4, save_strategy="no", **mode)
     resumed = make_trainer(demo_models, args, prompts)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     again = train_logs(resumed)  # steps 1 and 2 come from the checkpoint's state
@@ -816,11 +812,14 @@ def test_end_to_end_run_then_resume_reproduces_it(
             )  # fmt: skip
 
 
-def test_conversational_prompts(demo_models: DemoModels, service: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_conversational_prompts(
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
+) -> None:
     """Message lists go through the policy's chat template for sampling and reach the service
     as messages (it applies the reward tokenizer's own template)."""
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
-    trainer = make_trainer(demo_models, config(tmp_path, service, max_steps=2), prompts)
+    trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), prompts)
     spy = ScoreSpy(trainer)
     trainer.train()
     assert len(spy.items) == 2
@@ -834,11 +833,14 @@ def test_conversational_prompts(demo_models: DemoModels, service: str, tmp_path:
     assert scores.std() > 0
 
 
+@pytest.mark.slow
 def test_four_samples_per_prompt_with_tied_pairs_skipped(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
-    args = config(tmp_path, service, max_steps=2, num_samples_per_prompt=4, skip_tied_pairs=True)
-    trainer = make_trainer(demo_models, args)
+    args = config(
+        tmp_path, reward_service, max_steps=2, num_samples_per_prompt=4, skip_tied_pairs=True
+    )
+    trainer = make_trainer(demo_models, args, PROMPTS)
     spy = ScoreSpy(trainer)
     trainer.train()
     assert [len(items) for items in spy.items] == [8, 8]  # 4 samples x 2 prompts per step
@@ -852,12 +854,12 @@ def test_four_samples_per_prompt_with_tied_pairs_skipped(
 
 
 def test_skip_tied_pairs_leaves_tied_pairs_out_of_the_loss(
-    demo_models: DemoModels, service: str, tmp_path: Path
+    demo_models: DemoModels, reward_service: str, tmp_path: Path
 ) -> None:
     """Prompt 3's two samples are equal (a tie, log-ratio 0, loss log 2): the mean over the
     other 3 pairs when skipped, over all 4 when not."""
-    args = config(tmp_path, service, per_device_train_batch_size=4)
-    trainer = make_trainer(demo_models, args, ref_model=perturbed_policy(demo_models))
+    args = config(tmp_path, reward_service, per_device_train_batch_size=4)
+    trainer = make_trainer(demo_models, args, PROMPTS, ref_model=perturbed_policy(demo_models))
     fixed_generate(trainer.model, completion_ids(trainer.processing_class, COMPLETIONS))
     with torch.no_grad():
         kept_all = trainer.compute_loss(trainer.model, {"prompt": PROMPTS}).item()
@@ -868,17 +870,18 @@ def test_skip_tied_pairs_leaves_tied_pairs_out_of_the_loss(
 
 
 @pytest.mark.parametrize("async_generation", [False, True])
+@pytest.mark.slow
 def test_peft_reference_is_the_base_with_the_adapter_disabled(
-    demo_models: DemoModels, service: str, tmp_path: Path, async_generation: bool
+    demo_models: DemoModels, reward_service: str, tmp_path: Path, async_generation: bool
 ) -> None:
     """Also in async mode, where a copy of the PEFT model samples in the rollout process."""
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")  # fmt: skip
-    args = config(tmp_path, service, max_steps=2, learning_rate=1e-2,
+    args = config(tmp_path, reward_service, max_steps=2, learning_rate=1e-2,
                   async_generation=async_generation)  # fmt: skip
-    trainer = make_trainer(demo_models, args, peft_config=lora)
+    trainer = make_trainer(demo_models, args, PROMPTS, peft_config=lora)
     assert trainer.ref_model is None  # no second copy of the weights
     base = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora" not in k}
     trainer.train()
@@ -919,6 +922,7 @@ def test_peft_reference_is_the_base_with_the_adapter_disabled(
         ({"reward_url": "ftp://example"}, "reward_url"),
     ],
 )
+@pytest.mark.unit
 def test_bad_config_values_name_the_field(
     tmp_path: Path, overrides: dict[str, Any], field: str
 ) -> None:
@@ -934,7 +938,7 @@ def test_model_init_kwargs_with_a_model_object_are_refused(
     would silently do nothing."""
     args = config(tmp_path, "http://127.0.0.1:1", model_init_kwargs={"dtype": "bfloat16"})
     with pytest.raises(ValueError, match="model_init_kwargs apply only when model is a name"):
-        make_trainer(demo_models, args)
+        make_trainer(demo_models, args, PROMPTS)
 
 
 def test_model_init_kwargs_reach_from_pretrained(demo_models: DemoModels, tmp_path: Path) -> None:
@@ -949,12 +953,14 @@ def test_model_init_kwargs_reach_from_pretrained(demo_models: DemoModels, tmp_pa
         load_causal_lm("/no/such/model", config(tmp_path, None), "model")
 
 
+@pytest.mark.unit
 def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reward_url"):
         OnlineDPOTrainer("unused/path", args=config(tmp_path, None), processing_class=object(),
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))  # fmt: skip
 
 
+@pytest.mark.unit
 def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` picks the rollout process only for CPU training on Linux without sharded
     weights; asking for the process elsewhere is refused at construction, naming the field."""
@@ -978,6 +984,7 @@ def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_async_backend("process", cpu, DistributedType.NO)
 
 
+@pytest.mark.slow
 def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     """A queued rollout is cancelled; one already being sampled is waited for: with the
     process backend it reads a weight slot that the next publish would overwrite."""
@@ -1021,6 +1028,7 @@ OVERRIDDEN = {
 }
 
 
+@pytest.mark.unit
 def test_trainer_methods_we_override_keep_their_shape() -> None:
     """Fails loudly when a transformers release changes a ``Trainer`` method this trainer
     overrides or relies on: its parameters, how ``_save_checkpoint`` finds its folder and
@@ -1049,6 +1057,7 @@ def test_trainer_methods_we_override_keep_their_shape() -> None:
     assert "if self.loss_is_scaled_for_ga is not None:" in step
 
 
+@pytest.mark.slow
 def test_package_exports_the_trainer_and_imports_cheaply() -> None:
     """``from trainer import OnlineDPOTrainer, OnlineDPOConfig`` works, and ``import trainer``
     alone loads neither torch nor transformers (the CLI parses its flags first)."""
