@@ -29,7 +29,9 @@ from common.client import RewardClient, RewardServiceUnavailable
 from common.demo_models import DemoModels
 from tests import reward_funcs as funcs
 from trainer.cli import CliError, parse_train_args
+from trainer.completion_log import completion_records
 from trainer.config import OnlineDPOConfig
+from trainer.losses import select_pairs
 from trainer.reward_specs import (
     FunctionSpec,
     RewardConfigError,
@@ -396,6 +398,19 @@ def test_two_services_and_functions_with_weights_k4(services: tuple[str, str]) -
         statistics.mean(funcs.word_count(completions))
     )
     assert set(batch.seconds) == set(sources.names)
+    # The pair of each prompt is chosen on the combined reward, and logged with every source.
+    pairs = select_pairs(batch.combined, K)
+    records = completion_records(
+        6, PROMPTS, completions, batch.by_source(), batch.combined.tolist(),
+        pairs.chosen.tolist(), pairs.rejected.tolist(),
+    )  # fmt: skip
+    for i, record in enumerate(records):
+        group = [batch.combined[k * len(PROMPTS) + i].item() for k in range(K)]
+        assert record["chosen"] == group.index(max(group))
+        assert record["rejected"] == K - 1 - group[::-1].index(min(group))
+        assert record["rewards"]["reward_alt"] == pytest.approx(
+            [expected[k * len(PROMPTS) + i, 1].item() for k in range(K)]
+        )
 
 
 def test_functions_get_trl_arguments_and_columns_per_sample(services: tuple[str, str]) -> None:
@@ -586,3 +601,17 @@ def test_close_cancels_what_is_in_flight() -> None:
         pytest.raises(RuntimeError, match=r"call RewardSources.check\(\) before submit"),
     ):
         unchecked.submit(*samples())
+
+
+def test_replicas_serving_different_models(services: tuple[str, str]) -> None:
+    """Two replicas of one source with different weights: ``stop`` refuses to start, ``warn``
+    starts (the client warns) without counting a change during training."""
+    a, b = services
+    with (
+        RewardSources(parse_reward_sources([[a, b]]), model_change="stop") as stop,
+        pytest.raises(RewardConfigError, match=r"serve different weights .* needs one model"),
+    ):
+        stop.check()
+    with RewardSources(parse_reward_sources([[a, b]])) as warn:
+        warn.check()
+        assert warn.policy.total_changes == 0

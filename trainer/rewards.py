@@ -228,6 +228,12 @@ class ModelChangePolicy:
 
         return on_event
 
+    def reset(self) -> None:
+        """Forget the changes seen so far (those of the start-up checks)."""
+        with self._lock:
+            self.changes.clear()
+            self._stop = None
+
     @property
     def total_changes(self) -> int:
         with self._lock:
@@ -366,7 +372,7 @@ class RewardSources:
         """The sources of an :class:`~trainer.config.OnlineDPOConfig` (``reward_funcs`` given
         here, e.g. callables, replace ``args.reward_funcs``); not yet checked."""
         funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
-        specs = parse_reward_sources(funcs, None if funcs else args.reward_url)
+        specs = parse_reward_sources(funcs, args.reward_url)
         return cls(
             specs,
             args.reward_weights,
@@ -396,6 +402,12 @@ class RewardSources:
         for i, spec in enumerate(self.specs):
             if i in infos:
                 first = infos[i][0]
+                hashes = sorted({info.weights_hash for info in infos[i]})
+                if len(hashes) > 1 and self.policy.mode == "stop":
+                    raise RewardConfigError(
+                        f"the replicas of reward service {self._clients[i].urls} serve "
+                        f"different weights {hashes}; reward_model_change=stop needs one model"
+                    )
                 self._max_items[i] = min(info.max_items_per_request for info in infos[i])
                 bases.append(service_name(first.model_id, self._clients[i].urls[0]))
             else:
@@ -416,6 +428,8 @@ class RewardSources:
                     self.names[i], self.weights[i],
                     "async" if spec.is_async else "sync", spec.label,
                 )  # fmt: skip
+        # Replicas seen with different weights at start-up are not a change during training.
+        self.policy.reset()
         self._checked = True
         return {self.names[i]: infos[i] for i in infos}
 
