@@ -423,6 +423,8 @@ def test_functions_get_trl_arguments_and_columns_per_sample(services: tuple[str,
         prompts, completions, ids = samples()
         columns = {"answer": repeat_per_sample(answers, K)}
         state = TrainerState(global_step=2)
+        with pytest.raises(ValueError, match=r"columns \[\] are not the ones checked"):
+            sources.submit(prompts, completions, ids)
         batch = sources.submit(
             prompts, completions, ids, columns=columns, trainer_state=state, step=3
         ).result(60)
@@ -491,6 +493,7 @@ def test_a_bad_function_answer_stops_naming_function_and_step(
             future.result(60)
 
 
+@pytest.mark.slow
 def test_a_dead_service_is_an_error_never_a_reward(
     services: tuple[str, str], demo_models: DemoModels, tmp_path: Path
 ) -> None:
@@ -553,6 +556,7 @@ def test_a_slow_function_runs_beside_the_service(services: tuple[str, str]) -> N
     )
 
 
+@pytest.mark.slow
 def test_a_redeployed_reward_model_warns_or_stops(demo_models: DemoModels, tmp_path: Path) -> None:
     port = free_port()
     events: list[tuple[str, dict[str, Any]]] = []

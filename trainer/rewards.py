@@ -324,7 +324,6 @@ class RewardSources:
         max_retries: int = 12,
         model_change: str = "warn",
         on_event: EventHook | None = None,
-        client_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not specs:
             raise RewardConfigError("no reward source given")
@@ -359,7 +358,6 @@ class RewardSources:
                     timeout=timeout,
                     max_retries=max_retries,
                     on_event=self.policy.hook(functools.partial(self._name, i)),
-                    **(client_options or {}),
                 )
 
     @classmethod
@@ -473,6 +471,11 @@ class RewardSources:
         wrong = {k: v for k, v in lengths.items() if v != n}
         if wrong:
             raise ValueError(f"{n} completions but {wrong}: give one value per sample")
+        if self.columns is not None and sorted(columns) != self.columns:
+            raise ValueError(
+                f"columns {sorted(columns)} are not the ones checked against the reward "
+                f"functions ({self.columns})"
+            )
         request = _Request(
             list(prompts), list(completions), [list(ids) for ids in completion_ids], columns,
             trainer_state, step,
@@ -495,6 +498,8 @@ class RewardSources:
         except BaseException:
             for task in tasks:
                 task.cancel()
+            # Collect the others' outcomes (a sync function's thread itself runs on).
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         self.policy.raise_if_stopped()
         per_source = torch.tensor(columns, dtype=torch.float32).T.contiguous()  # [N, S]
