@@ -1,10 +1,12 @@
-# One image for the reward service and the trainer.
+# The images of the reward service and of the trainer, from one file: EXTRAS picks what is installed.
 #
-#   docker build -t online-dpo:latest .                               # CPU torch
-#   docker build --build-arg TORCH_VARIANT=cuda -t online-dpo:cuda .   # CUDA torch from PyPI
+#   docker build --build-arg EXTRAS=service -t online-dpo-service:latest .   # the reward service
+#   docker build --build-arg EXTRAS=trainer -t online-dpo:latest .           # trainer + demo models
+#   docker build -t online-dpo-all:latest .                                  # both (EXTRAS=all)
+#   docker build --build-arg TORCH_VARIANT=cuda --build-arg EXTRAS=service -t online-dpo-service:cuda .
 #
-# BASE_IMAGE: any Debian-like image with python3 3.11 and venv. When it already has torch
-# installed (system site-packages), torch is not installed again.
+# docker-compose.yml builds the first two. BASE_IMAGE: any Debian-like image with python3 3.11 and
+# venv. When it already has torch installed (system site-packages), torch is not installed again.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -23,10 +25,11 @@ RUN if python -c "import torch" 2>/dev/null; then \
         echo "TORCH_VARIANT must be 'cpu' or 'cuda', got '$TORCH_VARIANT'" >&2; exit 2; \
     fi
 WORKDIR /src
+# Declared after the torch layer, so that the images of every EXTRAS share it.
+ARG EXTRAS=all
 # Dependencies first: this layer is reused while only the sources change.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
+COPY pyproject.toml docker/requirements.py ./
+RUN python requirements.py pyproject.toml "$EXTRAS" > requirements.txt \
     && pip install -r requirements.txt
 COPY README.md ./
 COPY common ./common

@@ -30,6 +30,12 @@ EventHook = Callable[[str, dict[str, Any]], None]
 _Model = TypeVar("_Model", bound=BaseModel)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Retry rounds of a request before giving up. With the default backoff (0.5 s doubling, capped at
+# 10 s, full jitter) twelve rounds wait at most ~85 s, ~43 s on average: long enough to ride out a
+# redeploy of the service, short enough that a dead one fails the run within a minute or two.
+DEFAULT_MAX_RETRIES = 12
+# Where the trainer and the reward function read the API key from when none is given.
+API_KEY_ENV = "REWARD_API_KEY"
 # A server may ask for any Retry-After; past this we would rather fail than hang a training run.
 MAX_RETRY_AFTER_S = 60.0
 # Transport errors after which a URL is presumed dead for a cooldown. A read timeout is not one:
@@ -457,7 +463,7 @@ class AsyncRewardClient:
         api_key: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
-        max_retries: int = 5,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         backoff_base: float = 0.5,
         backoff_max: float = 10.0,
         max_connections: int = 32,
@@ -559,7 +565,7 @@ class RewardClient:
         api_key: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
-        max_retries: int = 5,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         backoff_base: float = 0.5,
         backoff_max: float = 10.0,
         max_connections: int = 32,

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Build the images for a machine without Docker Hub (CI, tests): a local Python 3.11 base image
-# with CPU torch and the heavy dependencies preinstalled, then the project image on top of it.
+# with CPU torch and the heavy dependencies preinstalled, then the project's two images on top of
+# it (the reward service's, EXTRAS=service, and the trainer's, EXTRAS=trainer).
 #
-#   docker/build-test-base.sh            # prints BASE_IMAGE=... and IMAGE=... on its last lines
+#   docker/build-test-base.sh   # prints BASE_IMAGE=..., SERVICE_IMAGE=... and IMAGE=... last
 #
 # The base comes from `mmdebstrap` (Debian bookworm, python3 3.11) + `docker import`, is tagged
 # with a hash of its inputs and rebuilt only when they change. Its packages (CPU torch from
-# $PIP_FIND_LINKS and the heavy dependencies, pinned to the versions installed here) are
+# $PIP_FIND_LINKS and the dependencies of every extra, pinned to the versions installed here) are
 # downloaded by the host's pip, so its own index settings and caches apply. It also carries this
 # machine's CA bundle ($SSL_CERT_FILE) and index URL, so that pip inside
 # `docker build --network host` reaches the same package index as the host. The project
-# Dockerfile is built unchanged, with --build-arg BASE_IMAGE; torch is found in the base and not
-# installed again.
+# Dockerfile is built unchanged, with --build-arg BASE_IMAGE and EXTRAS; torch is found in the
+# base and not installed again.
 #
-# Environment: IMAGE (project image tag, default online-dpo:latest, the compose default),
+# Environment: IMAGE (trainer image tag, default online-dpo:latest, the compose default),
+# SERVICE_IMAGE (reward service image tag, default online-dpo-service:latest, the compose default),
 # PYTHON (the python whose pip downloads the packages and whose installed versions pin them;
 # default python3), DOCKER (default docker).
 set -euo pipefail
@@ -22,6 +24,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 docker=${DOCKER:-docker}
 python=${PYTHON:-python3}
 image=${IMAGE:-online-dpo:latest}
+service_image=${SERVICE_IMAGE:-online-dpo-service:latest}
 ca_bundle=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
 
 die() { echo "build-test-base: $*" >&2; exit 1; }
@@ -38,15 +41,19 @@ trap cleanup EXIT
 ctx=$work/context
 mkdir "$ctx" "$work/wheels"
 
-# Pin the heavy dependencies to the versions installed on the host (what the tests ran with).
-"$python" - "$repo/pyproject.toml" >"$ctx/requirements.txt" <<'PY'
+# Pin the dependencies of both images to the versions installed on the host (what the tests ran
+# with).
+"$python" - "$repo" >"$ctx/requirements.txt" <<'PY'
 import importlib.metadata as md
 import re
 import sys
 import tomllib
 
-with open(sys.argv[1], "rb") as f:
-    deps = tomllib.load(f)["project"]["dependencies"]
+sys.path.insert(0, f"{sys.argv[1]}/docker")
+from requirements import requirements
+
+with open(f"{sys.argv[1]}/pyproject.toml", "rb") as f:
+    deps = requirements(tomllib.load(f)["project"], ["service", "trainer"])
 for dep in deps:
     name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0)
     if name.lower() == "torch":
@@ -124,9 +131,14 @@ for _ in range(100):
 fi
 "$docker" tag "$base" online-dpo-test-base:latest
 
-start=$SECONDS
-echo "build-test-base: building $image on $base ..." >&2
-"$docker" build --network host --build-arg BASE_IMAGE="$base" -t "$image" "$repo" >&2
-echo "build-test-base: $image built in $((SECONDS - start)) s" >&2
+for target in "service $service_image" "trainer $image"; do
+    read -r extras tag <<<"$target"
+    start=$SECONDS
+    echo "build-test-base: building $tag (EXTRAS=$extras) on $base ..." >&2
+    "$docker" build --network host --build-arg BASE_IMAGE="$base" --build-arg EXTRAS="$extras" \
+        -t "$tag" "$repo" >&2
+    echo "build-test-base: $tag built in $((SECONDS - start)) s" >&2
+done
 echo "BASE_IMAGE=$base"
+echo "SERVICE_IMAGE=$service_image"
 echo "IMAGE=$image"

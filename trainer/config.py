@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from common.client import split_urls
+from common.client import DEFAULT_MAX_RETRIES, split_urls
 from trainer.reward_specs import MODEL_CHANGE_POLICIES, check_reward_config, import_path_of
 
 API_KEY_ENV = "REWARD_API_KEY"
@@ -89,6 +90,13 @@ class OnlineDPOConfig(TrainingArguments):
         reward_max_retries (`int`, defaults to `12`):
             Retries of a request on connection errors, 429 and 5xx (with exponential backoff
             and jitter, about 80 s in all, enough for a redeploy). 4xx answers fail at once.
+        model_init_kwargs (`dict`, *optional*):
+            Keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a policy or
+            reference given by name or path, e.g. ``{"dtype": "bfloat16", "attn_implementation":
+            "sdpa", "revision": "main"}``. A JSON string on the command line. Refused with a
+            model object (it would not apply).
+        trust_remote_code (`bool`, defaults to `False`):
+            Allow a model given by name or path to run the Python code it ships (``auto_map``).
         reward_funcs (`list`, *optional*):
             Several reward sources, combined per sample (TRL's name). Each entry is a reward
             service URL (replicas of one service as a list, or comma-separated), the import
@@ -186,7 +194,19 @@ class OnlineDPOConfig(TrainingArguments):
         default=30.0, metadata={"help": "Seconds one /score attempt may take."}
     )
     reward_max_retries: int = field(
-        default=12, metadata={"help": "Retries on connection errors, 429 and 5xx."}
+        default=DEFAULT_MAX_RETRIES,
+        metadata={"help": "Retries on connection errors, 429 and 5xx."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "from_pretrained keyword arguments for a policy/reference given by name, "
+            'as JSON, e.g. \'{"dtype": "bfloat16", "attn_implementation": "sdpa"}\'.'
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a model given by name to run the code it ships (auto_map)."},
     )
     reward_funcs: list[str] | None = field(
         default=None,
@@ -224,6 +244,13 @@ class OnlineDPOConfig(TrainingArguments):
                 raise ValueError(f"reward_url: {e}") from e
         if self.reward_api_key is None:
             self.reward_api_key = os.environ.get(API_KEY_ENV) or None
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e})"
+                ) from e
         if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
             self.reward_funcs = [self.reward_funcs]
         if self.reward_funcs or self.reward_weights is not None:
@@ -285,6 +312,11 @@ class OnlineDPOConfig(TrainingArguments):
             self.num_completions_to_print is None or self.num_completions_to_print >= 1,
             "num_completions_to_print",
             ">= 1 or unset",
+        )
+        require(
+            self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict),
+            "model_init_kwargs",
+            "a mapping of from_pretrained arguments",
         )
 
     def to_dict(self) -> dict[str, Any]:
