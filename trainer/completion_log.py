@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trainer.callbacks import truncate_metrics
 from trainer.generation import Prompt
@@ -213,3 +214,16 @@ class CompletionLog:
 
             frame = pd.DataFrame(rows, columns=columns)
             trackio.log({TABLE_KEY: trackio.Table(dataframe=frame)})
+
+
+class CompletionLogStart(TrainerCallback):
+    """Starts a :class:`CompletionLog` when training begins, at the step the run starts from
+    (a resumed run's, known only once Trainer has loaded its state)."""
+
+    def __init__(self, log: CompletionLog) -> None:
+        self.log = log
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.log.start(state.global_step)

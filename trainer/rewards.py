@@ -64,6 +64,7 @@ class RewardModelChanged(RuntimeError):
     def __init__(self, source: str, payload: Mapping[str, Any]) -> None:
         self.source = source
         self.payload = dict(payload)
+        self.checkpoint: str | None = None  # set by the trainer once it has saved one
         super().__init__(
             f"the reward model of source {source!r} changed during training "
             f"({payload.get('model_id')} at {payload.get('url')}: weights "
@@ -459,6 +460,8 @@ class RewardSources:
         """
         if not self._checked:
             raise RuntimeError("call RewardSources.check() before submit()")
+        if self._loop.is_closed():
+            raise RuntimeError("the reward sources are closed")
         n = len(completions)
         if n == 0:
             raise ValueError("no completions to score")
