@@ -6,7 +6,10 @@ Each has TRL's reward-function signature unless its name says it is broken on pu
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from trainer.rules import completion_text
@@ -78,3 +81,24 @@ def needs_label(completions: list[Any], label: list[str], **kwargs: Any) -> list
 
 
 NOT_CALLABLE = 3
+
+
+def fails_at_step_2_count(completions: list[Any], trainer_state: Any, **kwargs: Any) -> list[float]:
+    """Right at step 1; one reward too few from step 2 on (``trainer_state.global_step`` is
+    the number of steps done)."""
+    return [0.0] * (len(completions) - (trainer_state.global_step >= 1))
+
+
+def fails_at_step_2_text(completions: list[Any], trainer_state: Any, **kwargs: Any) -> list[Any]:
+    """Numbers at step 1; a string from step 2 on."""
+    return [0.0 if trainer_state.global_step < 1 else "high" for _ in completions]
+
+
+def rank_calls(completions: list[Any], trainer_state: Any, **kwargs: Any) -> list[float]:
+    """Appends its call (this process's rank, the step, the completions) to
+    ``$REWARD_CALLS_DIR/rank-<RANK>.jsonl``; rewards 0.0."""
+    path = Path(os.environ["REWARD_CALLS_DIR"]) / f"rank-{os.environ.get('RANK', '0')}.jsonl"
+    with path.open("a") as f:
+        call = {"step": trainer_state.global_step + 1, "completions": completions}
+        f.write(json.dumps(call) + "\n")
+    return [0.0] * len(completions)

@@ -240,8 +240,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             loss = losses.mean()
 
         self._record_step(
-            StepRecord(rollout, rewards, contain_eos, pairs, logps, ref_logps, seq, ref_seq, beta),
-            scored,
+            StepRecord(rollout, rewards, contain_eos, pairs, logps, ref_logps, seq, ref_seq, beta)
         )
         if self.completion_log is not None:
             self.completion_log.add(
@@ -462,11 +461,12 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
 
     # ------------------------------------------------------------------ metrics
 
-    def _record_step(self, step: StepRecord, scored: RewardBatch) -> None:
+    def _record_step(self, step: StepRecord) -> None:
         """The step's metrics (each averaged over the samples or pairs of all ranks), with
         each reward source's ``rewards/<name>/mean|std``."""
         for name, value in step_metrics(step).items():
             self.stats[name].append(self.accelerator.gather(value).mean().item())
+        scored = step.rollout.rewards.result()
         per_source = self.accelerator.gather(scored.per_source.to(step.rewards.device))
         for name, value in reward_metrics(per_source, scored.names).items():
             self.stats[name].append(value)
