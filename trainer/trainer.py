@@ -19,6 +19,7 @@ logging, checkpoints (made atomic by :class:`~trainer.checkpoint.AtomicCheckpoin
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from common.client import split_urls
 from trainer.checkpoint import AtomicCheckpoints
@@ -277,7 +278,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         if self.async_rollouts is not None:
             self.async_rollouts.cancel()  # scored by the new model too: sampled anew on resume
         self._save_checkpoint(self.model, trial=None)
-        change.checkpoint = self._get_output_dir(None)
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        change.checkpoint = os.path.join(self._get_output_dir(None), checkpoint)
         raise change
 
     def _take_rollout(self, model: nn.Module, inputs: dict[str, list[Any]]) -> Rollout:
