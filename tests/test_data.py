@@ -25,11 +25,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_jsonl_keeps_only_prompts(tmp_path: Path) -> None:
+def test_jsonl_keeps_every_column_for_reward_functions(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)])
     ds = load_prompt_dataset(f)
-    assert ds.column_names == ["prompt"]
+    assert ds.column_names == ["prompt", "id"]
     assert list(ds["prompt"]) == PROMPTS
+    assert list(ds["id"]) == list(range(len(PROMPTS)))
 
 
 def test_json_parquet_and_csv_give_the_same_prompts(tmp_path: Path) -> None:

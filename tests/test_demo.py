@@ -128,3 +128,31 @@ def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
     assert len(summary["before"]["samples"]) == len(summary["after"]["samples"]) == n_prompts
     assert summary["before"]["kl_mean"] == 0.0  # the policy is still the reference
     assert -1.5 < summary["after"]["reward_mean"] < 1.5
+
+
+def test_short_demo_with_rule_shows_each_source(tmp_path: Path, demo_models: DemoModels) -> None:
+    """``--with-rule``: the reward model plus the brevity rule at weight 0.5; the table shows
+    the combined reward, each source's mean and the completions' length; the metrics log
+    each source."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "trainer", "demo", "--output-dir", str(out), "--with-rule",
+            "--max-steps", "2", "--batch-size", "4", "--eval-samples", "1",
+            "--cache-dir", str(demo_models.root.parent),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    number = r"\s+-?\d+\.\d+\s+-?\d+\.\d+"
+    for row in ("mean combined reward", r"reward \(weight 1\)", r"brevity_reward \(weight 0\.5\)",
+                "words per completion"):  # fmt: skip
+        assert re.search(row + number, proc.stdout), (row, proc.stdout)
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "objective/scores" in r]
+    assert {"rewards/reward/mean", "rewards/brevity_reward/mean"} <= set(train[-1])
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert set(summary["after"]["source_means"]) == {"reward", "brevity_reward"}
+    assert (out / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"

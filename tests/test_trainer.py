@@ -9,6 +9,7 @@ decoding, scoring over HTTP, log-probs, pairing and the loss all run for real.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from trainer.logprobs import (
     packed_token_logps,
     truncate_after_eos,
 )
+from trainer.scoring import score_items
 from trainer.trainer import OnlineDPOTrainer
 
 PROMPTS = [
@@ -134,19 +136,20 @@ def fixed_generate(model: Any, completions: torch.Tensor | dict[tuple, torch.Ten
 
 
 class ScoreSpy:
-    """Records what the trainer sends to ``/score`` and what comes back (real requests)."""
+    """Records what the trainer sends to ``/score`` and the rewards that come back (real
+    requests; ``futures`` hold each batch's :class:`~trainer.rewards.RewardBatch`)."""
 
     def __init__(self, trainer: OnlineDPOTrainer) -> None:
         self.items: list[list[dict]] = []
         self.futures: list[Any] = []
-        submit = trainer.scorer.submit
+        submit = trainer.rewards.submit
 
-        def spy(items: list[dict]) -> Any:
-            self.items.append(items)
-            self.futures.append(submit(items))
+        def spy(prompts: list, completions: list[str], *args: Any, **kwargs: Any) -> Any:
+            self.items.append(score_items(prompts, completions))
+            self.futures.append(submit(prompts, completions, *args, **kwargs))
             return self.futures[-1]
 
-        trainer.scorer.submit = spy  # type: ignore[method-assign]
+        trainer.rewards.submit = spy  # type: ignore[method-assign]
 
 
 def train_logs(trainer: OnlineDPOTrainer) -> dict[int, dict[str, float]]:
@@ -205,7 +208,7 @@ def test_loss_and_metrics_equal_trls(
     loss.backward()
     mine = step_means(ours)
     (items,) = spy.items
-    scores = spy.futures[0].result()
+    scores = spy.futures[0].result().combined
 
     # TRL's custom reward function route, answering with the service's scores.
     seen: dict[str, Any] = {}
@@ -386,7 +389,7 @@ def test_kl_entropy_and_non_score_reward_leave_padding_out(
     logps = hand_logps(trainer.model, prompt_ids, prompt_mask, cut, mask)
     ref_logps = hand_logps(ref, prompt_ids, prompt_mask, cut, mask)
     kl = ((logps - ref_logps) * mask).sum(-1)
-    rewards = spy.futures[0].result() - penalty * (~(cut == eos).any(-1)).float()
+    rewards = spy.futures[0].result().combined - penalty * (~(cut == eos).any(-1)).float()
     want = {
         "objective/kl": kl.mean().item(),
         "objective/entropy": -(logps * mask).sum(-1).mean().item(),
@@ -708,9 +711,9 @@ def test_failed_reward_requests_raise_instead_of_scoring_zero(
     assert stub.score_requests == {"down": 0, 503: 2, 422: 1}[fault]  # 1 retry; 4xx: none
     assert trainer.state.global_step == 0
     assert not [r for r in trainer.state.log_history if "objective/scores" in r]
-    # The failed run closed the reward client: nothing more is sent.
-    with pytest.raises(RuntimeError, match="shutdown"):
-        trainer.scorer.submit([{"prompt": "a", "completion": "b"}])
+    # The failed run closed the reward sources: nothing more is sent.
+    with pytest.raises(RuntimeError, match="closed"):
+        trainer.rewards.submit(["a"], ["b"], [[1]])
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -735,16 +738,17 @@ def test_score_request_overlaps_the_log_prob_forwards(
 
     monkeypatch.setattr(OnlineDPOTrainer, "_token_logps", slow_forward)
     trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), PROMPTS)
-    score = trainer.scorer.client.score
+    (client,) = trainer.rewards._clients.values()
+    score = client.score
 
-    def slow_score(*args: Any, **kwargs: Any) -> Any:
+    async def slow_score(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        time.sleep(0.3)
-        out = score(*args, **kwargs)
+        await asyncio.sleep(0.3)
+        out = await score(*args, **kwargs)
         spans["score"].append((start, time.perf_counter()))
         return out
 
-    trainer.scorer.client.score = slow_score
+    client.score = slow_score  # type: ignore[method-assign]
     trainer.train()
     assert len(spans["score"]) == 2 and len(spans["forward"]) == 4
     for step, (s0, s1) in enumerate(spans["score"]):
@@ -829,7 +833,7 @@ def test_conversational_prompts(
     logs = train_logs(trainer)
     assert all(math.isfinite(logs[s]["loss"]) for s in (1, 2))
     # The policy learned to write reviews after "<|assistant|>": the scores are spread.
-    scores = torch.cat([f.result() for f in spy.futures])
+    scores = torch.cat([f.result().combined for f in spy.futures])
     assert scores.std() > 0
 
 

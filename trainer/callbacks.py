@@ -87,7 +87,8 @@ class MetricsJsonlCallback(TrainerCallback):
 
 
 def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Plot ``objective/scores`` (and eval reward, if logged) over steps above ``objective/kl``."""
+    """Plot ``objective/scores`` (and eval reward, if logged) over steps above ``objective/kl``;
+    with several reward sources, each source's ``rewards/<name>/mean`` beside the combined."""
     records = list(read_metrics(metrics_path))
 
     def series(key: str) -> tuple[list[int], list[float]]:
@@ -98,7 +99,14 @@ def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
     fig = Figure(figsize=(7, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    top.plot(*series("objective/scores"), label="train reward (objective/scores)")
+    sources = sorted(
+        {k for r in records for k in r if k.startswith("rewards/") and k.endswith("/mean")}
+    )
+    combined = "combined " if len(sources) > 1 else ""
+    top.plot(*series("objective/scores"), label=f"train {combined}reward (objective/scores)")
+    if len(sources) > 1:
+        for key in sources:
+            top.plot(*series(key), alpha=0.7, label=f"{key.split('/')[1]} ({key})")
     eval_steps, eval_values = series("eval_reward_mean")
     if eval_steps:
         top.plot(eval_steps, eval_values, "o-", label="held-out reward (eval_reward_mean)")

@@ -188,6 +188,7 @@ def run_train(argv: Sequence[str]) -> int:
     from common.client import RewardServiceError
     from trainer.callbacks import MetricsJsonlCallback, RewardCurveCallback
     from trainer.data import load_prompt_dataset
+    from trainer.rewards import NoApplicableRewardError, RewardFunctionError, RewardModelChanged
     from trainer.trainer import OnlineDPOTrainer
 
     evaluating = training_args.eval_strategy != IntervalStrategy.NO
@@ -247,7 +248,12 @@ def run_train(argv: Sequence[str]) -> int:
     resume = training_args.resume_from_checkpoint
     with trainer:
         # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True).
-        trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
+        try:
+            trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
+        except RewardModelChanged as e:
+            raise CliError(f"{e} (checkpoint saved: {e.checkpoint})") from e
+        except (RewardFunctionError, NoApplicableRewardError) as e:
+            raise CliError(str(e)) from e
         trainer.save_model(training_args.output_dir)
         # Trainer has already evaluated the final weights when eval_steps divides the run.
         step = trainer.state.global_step

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from common.client import DEFAULT_MAX_RETRIES, split_urls
+from trainer.reward_specs import MODEL_CHANGE_POLICIES, check_reward_config, import_path_of
 
 API_KEY_ENV = "REWARD_API_KEY"
 _REDACTED = "<REWARD_API_KEY>"
@@ -96,6 +97,26 @@ class OnlineDPOConfig(TrainingArguments):
             model object (it would not apply).
         trust_remote_code (`bool`, defaults to `False`):
             Allow a model given by name or path to run the Python code it ships (``auto_map``).
+        reward_funcs (`list`, *optional*):
+            Several reward sources, combined per sample (TRL's name). Each entry is a reward
+            service URL (replicas of one service as a list, or comma-separated), the import
+            path of a reward function (``package.module:function``), or, from Python, a
+            callable. Functions take TRL's arguments ``prompts``, ``completions``,
+            ``completion_ids``, ``trainer_state`` and every dataset column but ``prompt`` by
+            name, and return one ``float`` or ``None`` ("does not apply") per completion;
+            ``async def`` works too. Give either this or ``reward_url``.
+        reward_weights (`list[float]`, *optional*):
+            One weight per reward source; the reward is the weighted sum over the sources
+            that apply (all 1.0 by default).
+        reward_model_change (`str`, defaults to `"warn"`):
+            What a reward service that starts serving other weights mid-run does: ``"warn"``
+            logs and counts it, ``"stop"`` saves a checkpoint and stops the run.
+        log_completions (`bool`, defaults to `False`):
+            At each logging step, append the step's prompts, completions, rewards and pairs
+            to ``OUTPUT_DIR/completions.jsonl``, print a table, and log it to W&B / Trackio
+            when they are in ``report_to``.
+        num_completions_to_print (`int`, *optional*):
+            Completions in the printed table (all when unset).
     """
 
     learning_rate: float = field(
@@ -187,6 +208,30 @@ class OnlineDPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Allow a model given by name to run the code it ships (auto_map)."},
     )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward sources: service URLs (replicas comma-separated) and/or reward "
+            "function import paths (package.module:function)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward source (default: all 1.0)."}
+    )
+    reward_model_change: str = field(
+        default="warn",
+        metadata={
+            "help": "When a reward model is redeployed mid-run: 'warn' or 'stop' (checkpoint).",
+            "choices": ["warn", "stop"],
+        },
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Log prompts, completions and rewards at each logging step."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Completions in the printed table (default: all)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, int | float):
@@ -206,6 +251,13 @@ class OnlineDPOConfig(TrainingArguments):
                 raise ValueError(
                     f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e})"
                 ) from e
+        if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
+            self.reward_funcs = [self.reward_funcs]
+        if self.reward_funcs or self.reward_weights is not None:
+            # Imports the functions and checks their signatures: fails before models load.
+            check_reward_config(
+                self.reward_funcs, self.reward_url, self.reward_weights, self.reward_model_change
+            )
         self._validate()
         super().__post_init__()
         if len(self.beta) == 1:
@@ -252,6 +304,16 @@ class OnlineDPOConfig(TrainingArguments):
         require(self.reward_timeout > 0, "reward_timeout", "> 0")
         require(self.reward_max_retries >= 0, "reward_max_retries", ">= 0")
         require(
+            self.reward_model_change in MODEL_CHANGE_POLICIES,
+            "reward_model_change",
+            "'warn' or 'stop'",
+        )
+        require(
+            self.num_completions_to_print is None or self.num_completions_to_print >= 1,
+            "num_completions_to_print",
+            ">= 1 or unset",
+        )
+        require(
             self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict),
             "model_init_kwargs",
             "a mapping of from_pretrained arguments",
@@ -260,6 +322,8 @@ class OnlineDPOConfig(TrainingArguments):
     def to_dict(self) -> dict[str, Any]:
         """As ``TrainingArguments.to_dict``, with the API key redacted (logs, ``report_to``)."""
         d = super().to_dict()
+        if d.get("reward_funcs"):
+            d["reward_funcs"] = _importable(d["reward_funcs"])
         if d.get("reward_api_key"):
             d["reward_api_key"] = _REDACTED
         return d
@@ -274,4 +338,11 @@ class OnlineDPOConfig(TrainingArguments):
         # Trainer pickles the arguments into every checkpoint (training_args.bin): no secret.
         state = self.__dict__.copy()
         state["reward_api_key"] = None
+        if state.get("reward_funcs"):  # callables as their import paths (a lambda has none)
+            state["reward_funcs"] = _importable(state["reward_funcs"])
         return state
+
+
+def _importable(entries: list[Any]) -> list[Any]:
+    """``reward_funcs`` with callables written as ``module:qualname`` (JSON, pickle)."""
+    return [import_path_of(e) if callable(e) else e for e in entries]

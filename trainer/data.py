@@ -20,7 +20,8 @@ _BUILDERS = {
 def load_prompt_dataset(
     name_or_path: str | Path, split: str = "train", config_name: str | None = None
 ) -> Dataset:
-    """Load a prompt dataset and keep only its ``prompt`` column.
+    """Load a prompt dataset: a ``prompt`` column, and any others (reward functions get
+    them by name, e.g. ``answer``).
 
     ``name_or_path`` is a local json/jsonl/parquet/csv file, a local directory of such files
     (split names come from the file names, e.g. ``train.jsonl`` / ``test.jsonl``), or a Hub
@@ -55,7 +56,6 @@ def load_prompt_dataset(
     if isinstance(dataset, dict):
         raise ValueError(f"{source}: expected one split, got {sorted(dataset)}")
     check_prompt_column(dataset.features, source)
-    dataset = dataset.select_columns([PROMPT_COLUMN])
     nulls = dataset.with_format("arrow")[PROMPT_COLUMN].null_count
     if nulls:
         raise ValueError(f"{source}: {nulls} row(s) have an empty {PROMPT_COLUMN!r}")

@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers import Trainer
 
 from trainer.generation import Prompt
+from trainer.rewards import reward_metrics
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Judged:
     ref_rewards: torch.Tensor | None  # of one sample of the reference per prompt, when asked
     kl: torch.Tensor  # log π(y|x) − log π_ref(y|x), padding after EOS left out (TRL's estimate)
     contain_eos: torch.Tensor  # 1.0 where the completion ends with an EOS
+    per_source: torch.Tensor | None = None  # [samples, sources], NaN where one does not apply
+    source_names: tuple[str, ...] = ()
 
 
 class HeldOutEvaluation(Trainer):
@@ -40,10 +43,15 @@ class HeldOutEvaluation(Trainer):
     reward service, with the KL and the share of completions that end with an EOS."""
 
     def judge(
-        self, prompts: list[Prompt], num_samples: int = 1, against_reference: bool = True
+        self,
+        prompts: list[Prompt],
+        num_samples: int = 1,
+        against_reference: bool = True,
+        columns: dict[str, list] | None = None,
     ) -> Judged:
         """``num_samples`` samples of the policy per prompt, judged, with (if
-        ``against_reference``) one judged sample of the reference per prompt."""
+        ``against_reference``) one judged sample of the reference per prompt; ``columns``
+        are the prompts' dataset columns (for reward functions)."""
         raise NotImplementedError
 
     def evaluate(
@@ -62,15 +70,18 @@ class HeldOutEvaluation(Trainer):
             return metrics
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        names: tuple[str, ...] = ()
         with self.evaluation_noise():
             for batch in self.get_eval_dataloader(dataset):
-                judged = self.judge(list(batch["prompt"]))
-                for name in ("rewards", "ref_rewards", "kl", "contain_eos"):
+                judged = self.judge(list(batch["prompt"]), columns=batch)
+                names = judged.source_names
+                for name in ("rewards", "ref_rewards", "kl", "contain_eos", "per_source"):
                     # Per batch: gather_for_metrics drops the padding of the last one.
                     value = getattr(judged, name).to(self.args.device)
                     parts[name].append(self.accelerator.gather_for_metrics(value))
-        rewards, ref_rewards, kl, contain_eos = (
-            torch.cat(parts[n]) for n in ("rewards", "ref_rewards", "kl", "contain_eos")
+        rewards, ref_rewards, kl, contain_eos, per_source = (
+            torch.cat(parts[n])
+            for n in ("rewards", "ref_rewards", "kl", "contain_eos", "per_source")
         )
         wins = (rewards > ref_rewards).float() + 0.5 * (rewards == ref_rewards).float()
         prefix = metric_key_prefix
@@ -80,6 +91,7 @@ class HeldOutEvaluation(Trainer):
             f"{prefix}_win_rate": wins.mean().item(),
             f"{prefix}_kl": kl.mean().item(),
             f"{prefix}_contain_eos_token": contain_eos.mean().item(),
+            **reward_metrics(per_source, names, f"{prefix}_rewards/"),
             f"{prefix}_samples": float(rewards.numel()),
             f"{prefix}_runtime": time.perf_counter() - start,
         }

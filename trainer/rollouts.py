@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from trainer.generation import Prompt, Samples, Sampling, sample_completions
+from trainer.rewards import RewardBatch
 from trainer.rollout_process import RolloutProcess, SampleRequest
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 # trains on what the uninterrupted run would have.
 ROLLOUTS_FILE = "async_rollouts-{rank}.pt"
 # Bumped when the saved fields change: a checkpoint of another layout is sampled anew.
-ROLLOUTS_FORMAT = 2
+ROLLOUTS_FORMAT = 3
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Rollout:
     completion_ids: torch.Tensor  # [K·B, T], padding after the first EOS
     completion_mask: torch.Tensor
     completions: list[str]  # decoded, as sent to be scored
-    rewards: Future[torch.Tensor]  # [K·B] float32
+    rewards: Future[RewardBatch]  # each source's and the combined rewards, [K·B]
     policy_version: int  # global step of the weights that sampled it
     timings: Timings = field(default_factory=Timings)
 
@@ -65,7 +66,7 @@ class Rollout:
     def num_samples(self) -> int:
         return self.completion_ids.shape[0] // len(self.prompts)
 
-    def wait_for_rewards(self) -> torch.Tensor:
+    def wait_for_rewards(self) -> RewardBatch:
         """The rewards (blocking until they are back); the wait goes into ``timings``."""
         start = time.perf_counter()
         rewards = self.rewards.result()
@@ -75,8 +76,9 @@ class Rollout:
 
 Generate = Callable[[torch.Tensor, torch.Tensor], Samples]
 """``generate(prompt_ids, prompt_mask)``: completions of the tokenized prompts."""
-MakeRollout = Callable[[list[Prompt], int, Generate], Rollout]
-"""``make(prompts, version, generate)``: tokenize, sample with ``generate``, request rewards."""
+MakeRollout = Callable[[list[Prompt], int, Generate, dict[str, list[Any]]], Rollout]
+"""``make(prompts, version, generate, columns)``: tokenize, sample with ``generate``, request
+rewards (``columns``: the batch's dataset columns, for reward functions)."""
 
 
 def resolve_async_backend(
@@ -169,7 +171,8 @@ class AsyncRollouts:
             for micro, batch in enumerate(group):
                 prompts = list(batch["prompt"])
                 sample = partial(generate, seed=seed(batch_step, micro))
-                future = self._pool.submit(self._make_rollout, prompts, step, sample)
+                columns = {name: list(values) for name, values in batch.items()}
+                future = self._pool.submit(self._make_rollout, prompts, step, sample, columns)
                 self._pending.append((prompts, future))
         return current
 
@@ -214,7 +217,7 @@ class AsyncRollouts:
 
     def save(self, checkpoint_dir: str, step: int, rank: int) -> None:
         """Write the rollouts queued for the next step into ``checkpoint_dir`` (waiting for
-        them and their rewards)."""
+        them and their rewards, each source's kept)."""
         if not self._pending:
             return
         records = []
@@ -222,7 +225,13 @@ class AsyncRollouts:
             rollout = future.result()
             record = {f.name: getattr(rollout, f.name) for f in fields(Rollout)}
             del record["timings"]
-            records.append({**record, "rewards": rollout.rewards.result()})
+            scored = rollout.rewards.result()
+            rewards = {
+                "names": list(scored.names),
+                "per_source": scored.per_source,
+                "combined": scored.combined,
+            }
+            records.append({**record, "rewards": rewards})
         path = os.path.join(checkpoint_dir, ROLLOUTS_FILE.format(rank=rank))
         torch.save({"format": ROLLOUTS_FORMAT, "step": step, "rollouts": records}, path)
 
@@ -249,8 +258,16 @@ class AsyncRollouts:
             logger.warning("the checkpoint's async rollouts are not this step's; sampling anew")
             return
         for record in records:
-            rewards: Future[torch.Tensor] = Future()
-            rewards.set_result(record["rewards"])
+            saved_rewards = record["rewards"]
+            rewards: Future[RewardBatch] = Future()
+            rewards.set_result(
+                RewardBatch(
+                    names=tuple(saved_rewards["names"]),
+                    per_source=saved_rewards["per_source"],
+                    combined=saved_rewards["combined"],
+                    spans={},
+                )
+            )
             done: Future[Rollout] = Future()
             done.set_result(Rollout(**{**record, "rewards": rewards}))
             self._pending.append((record["prompts"], done))

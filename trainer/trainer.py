@@ -4,10 +4,11 @@
 One step, top to bottom in :meth:`OnlineDPOTrainer.compute_loss`:
 
 1. take the batch's rollout: ``K`` completions per prompt sampled by the policy (in async
-   mode, during the step before), their rewards requested from the reward service;
-2. compute the reference's and the policy's log-probs while the request is in flight;
-3. wait for the rewards (less the missing-EOS penalty);
-4. pair each prompt's best and worst sample;
+   mode, during the step before), their rewards requested from every reward source (reward
+   services and reward functions, :class:`~trainer.rewards.RewardSources`) at once;
+2. compute the reference's and the policy's log-probs while the requests are in flight;
+3. wait for the combined rewards (less the missing-EOS penalty);
+4. pair each prompt's best and worst sample on the combined reward;
 5. return the DPO loss of the pairs, recording TRL's metrics.
 
 ``transformers.Trainer`` does the backward pass, gradient accumulation, the optimizer step,
@@ -18,6 +19,7 @@ logging, checkpoints (made atomic by :class:`~trainer.checkpoint.AtomicCheckpoin
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -25,17 +27,19 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from common.client import split_urls
 from trainer.checkpoint import AtomicCheckpoints
+from trainer.completion_log import CompletionLog, CompletionLogStart
 from trainer.config import OnlineDPOConfig
+from trainer.data import PROMPT_COLUMN
 from trainer.evaluation import HeldOutEvaluation, Judged
 from trainer.generation import (
     Prompt,
@@ -58,8 +62,15 @@ from trainer.logprobs import (
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
 from trainer.metrics import RewardEvents, StepRecord, step_metrics
 from trainer.models import end_of_completion_tokens, prepare_models
+from trainer.reward_specs import RewardFuncEntry
+from trainer.rewards import (
+    RewardBatch,
+    RewardModelChanged,
+    RewardSources,
+    repeat_per_sample,
+    reward_metrics,
+)
 from trainer.rollouts import AsyncRollouts, Generate, Rollout, Timings, resolve_async_backend
-from trainer.scoring import RewardScorer, score_items
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +83,22 @@ ROLLOUT_INPUT = "_rollout"
 SEED_SPREAD = 0x9E3779B97F4A7C15
 
 
-def collate_prompts(features: list[dict[str, Any]]) -> dict[str, list[Prompt]]:
-    """Batches keep prompts as Python objects (strings or message lists); the trainer
-    tokenizes them itself."""
-    return {"prompt": [f["prompt"] for f in features]}
+def collate_prompts(features: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Batches keep every column as a list of Python objects: prompts (strings or message
+    lists; the trainer tokenizes them itself) and the columns reward functions read."""
+    return {name: [f[name] for f in features] for name in features[0]}
 
 
 class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
-    """Online DPO with rewards from the reward service (``args.reward_url``).
+    """Online DPO with rewards from reward services and reward functions.
 
-    Arguments as TRL's ``OnlineDPOTrainer``, with ``reward_url`` in place of
-    ``reward_funcs``/``reward_processing_classes``. ``model`` and ``ref_model`` may be names
-    or paths (loaded with ``args.model_init_kwargs``). ``ref_model=None`` makes a frozen copy
-    of ``model``; with ``peft_config`` the reference is the base model with the adapter
-    disabled. :meth:`close` (or a ``with`` block) releases the reward client when done.
+    Arguments as TRL's ``OnlineDPOTrainer``: ``reward_funcs`` (service URLs, import paths of
+    functions, or callables; weighted by ``args.reward_weights``) or the one-service shorthand
+    ``reward_url``, in place of reward models and ``reward_processing_classes``. ``model``
+    and ``ref_model`` may be names or paths (loaded with ``args.model_init_kwargs``).
+    ``ref_model=None`` makes a frozen copy of ``model``; with ``peft_config`` the reference is
+    the base model with the adapter disabled. :meth:`close` (or a ``with`` block) releases
+    the reward sources when done.
     """
 
     # compute_loss returns a mean over pairs: Trainer averages it over accumulation steps
@@ -102,6 +115,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
         *,
         reward_url: str | Sequence[str] | None = None,
+        reward_funcs: Sequence[RewardFuncEntry] | RewardFuncEntry | None = None,
         peft_config: Any | None = None,
         data_collator: Any | None = None,
         callbacks: list[TrainerCallback] | None = None,
@@ -115,9 +129,23 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             raise ValueError("processing_class (the policy's tokenizer) is required")
         if reward_url is not None:
             args.reward_url = split_urls(reward_url)
-        if not args.reward_url:
-            raise ValueError("reward_url is required: the base URL of the reward service")
-        model, ref_model = prepare_models(model, ref_model, args, peft_config)
+        if not args.reward_url and not (reward_funcs or args.reward_funcs):
+            raise ValueError(
+                "reward_url or reward_funcs is required: a reward service URL or reward functions"
+            )
+        # The reward sources are checked (imports, signatures, weights, columns) before any
+        # model loads.
+        self.rewards = RewardSources.from_args(
+            args, reward_funcs, on_event=lambda name, payload: self.reward_events(name, payload)
+        )
+        try:
+            self.reward_columns = self.rewards.check_columns(
+                train_dataset.column_names or [PROMPT_COLUMN]
+            )
+            model, ref_model = prepare_models(model, ref_model, args, peft_config)
+        except BaseException:
+            self.rewards.close()
+            raise
         tokenizer = processing_class
         eos_token_ids = end_of_completion_tokens(model, tokenizer)
 
@@ -149,16 +177,18 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         self.reward_events = RewardEvents(
             args.output_dir, lambda: self.state.global_step, self.is_world_process_zero()
         )
-        self.scorer = RewardScorer(
-            args.reward_url,
-            api_key=args.reward_api_key,
-            timeout=args.reward_timeout,
-            max_retries=args.reward_max_retries,
-            on_event=self.reward_events,
-        )
+        self.completion_log = None
+        if args.log_completions:
+            self.completion_log = CompletionLog(
+                args.output_dir,
+                is_main_process=self.is_world_process_zero(),
+                num_completions_to_print=args.num_completions_to_print,
+                report_to=args.report_to,
+            )
+            self.add_callback(CompletionLogStart(self.completion_log))
         self.async_rollouts: AsyncRollouts | None = None
         try:
-            self.scorer.check()
+            self.rewards.check()
             if args.async_generation:
                 self.async_rollouts = AsyncRollouts(
                     resolve_async_backend(
@@ -168,7 +198,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
                     self.sampling, args.num_samples_per_prompt, self._rollout,
                 )  # fmt: skip
         except BaseException:
-            self.scorer.close()
+            self.rewards.close()
             raise
         self._micro = (-1, 0)  # (step, rollouts taken in it): the micro-batch of the next
 
@@ -187,10 +217,11 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     ) -> torch.Tensor:
         """The DPO loss of one batch (the steps in the module docstring)."""
         args = self.args
-        rollout = inputs.get(ROLLOUT_INPUT) or self._take_rollout(model, inputs["prompt"])
+        rollout = inputs.get(ROLLOUT_INPUT) or self._take_rollout(model, inputs)
         mask = rollout.completion_mask
         logps, ref_logps = self._logps(model, rollout)  # the rewards are on their way meanwhile
-        rewards = rollout.wait_for_rewards().to(logps.device)
+        scored = rollout.wait_for_rewards()
+        rewards = scored.combined.to(logps.device)
 
         contain_eos = contains_eos(rollout.completion_ids, mask, self.sampling.eos_token_ids)
         if args.missing_eos_penalty is not None:
@@ -212,6 +243,12 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         self._record_step(
             StepRecord(rollout, rewards, contain_eos, pairs, logps, ref_logps, seq, ref_seq, beta)
         )
+        if self.completion_log is not None:
+            self.completion_log.add(
+                self.state.global_step + 1, rollout.prompts, rollout.completions,
+                scored.by_source(), rewards.tolist(), pairs.chosen.tolist(),
+                pairs.rejected.tolist(),
+            )  # fmt: skip
         return loss
 
     def training_step(
@@ -219,8 +256,13 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     ) -> torch.Tensor:
         """Trainer's step (forward, backward) on the batch's rollout, timed."""
         start = time.perf_counter()
-        rollout = self._take_rollout(model, inputs["prompt"])
-        loss = super().training_step(model, {**inputs, ROLLOUT_INPUT: rollout}, num_items_in_batch)
+        rollout = self._take_rollout(model, inputs)
+        try:
+            loss = super().training_step(
+                model, {**inputs, ROLLOUT_INPUT: rollout}, num_items_in_batch
+            )
+        except RewardModelChanged as e:
+            self._stop_on_model_change(e)
         total = time.perf_counter() - start
         spent = rollout.timings
         self.stats["time/generate"].append(spent.generate)
@@ -230,8 +272,19 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
 
     # ------------------------------------------------------------------ rollouts
 
-    def _take_rollout(self, model: nn.Module, prompts: list[Prompt]) -> Rollout:
+    def _stop_on_model_change(self, change: RewardModelChanged) -> NoReturn:
+        """``reward_model_change: stop``: save a checkpoint of the weights before this step
+        (none trained on the new reward model) and stop, the checkpoint named in the error."""
+        if self.async_rollouts is not None:
+            self.async_rollouts.cancel()  # scored by the new model too: sampled anew on resume
+        self._save_checkpoint(self.model, trial=None)
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        change.checkpoint = os.path.join(self._get_output_dir(None), checkpoint)
+        raise change
+
+    def _take_rollout(self, model: nn.Module, inputs: dict[str, list[Any]]) -> Rollout:
         """This batch's rollout: sampled during the step before (async mode) or now."""
+        prompts = inputs["prompt"]
         step = self.state.global_step
         micro = self._micro[1] if self._micro[0] == step else 0
         self._micro = (step, micro + 1)
@@ -240,7 +293,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         if rollout is None:
             with unwrapped_for_generation(model, self.accelerator) as policy:
                 rollout = self._rollout(
-                    prompts, step, self._sampler(policy, self._seed(step, micro))
+                    prompts, step, self._sampler(policy, self._seed(step, micro)), inputs
                 )
         if queued is not None:
             self.stats["async/staleness"].append(float(step - rollout.policy_version))
@@ -261,9 +314,16 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         k = num_samples or self.args.num_samples_per_prompt
         return partial(sample_completions, policy, sampling=self.sampling, num_samples=k, seed=seed)
 
-    def _rollout(self, prompts: list[Prompt], version: int, generate: Generate) -> Rollout:
+    def _rollout(
+        self,
+        prompts: list[Prompt],
+        version: int,
+        generate: Generate,
+        columns: dict[str, list[Any]] | None = None,
+    ) -> Rollout:
         """Sample completions of ``prompts`` with ``generate``, decode them and request their
-        rewards (they come back while the step computes log-probs)."""
+        rewards (they come back while the step computes log-probs). ``columns``: the batch's
+        dataset columns, per prompt (those the reward functions read are passed on)."""
         tokenizer = self.processing_class
         with self._tokenizer_lock:
             prompt_ids, prompt_mask = tokenize_prompts(
@@ -278,17 +338,38 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             **vars(samples),
             prompts=list(prompts),
             completions=completions,
-            rewards=self._request_rewards(prompts, completions),
+            rewards=self._request_rewards(
+                prompts,
+                completions,
+                samples.completion_ids,
+                samples.completion_mask,
+                columns or {},
+            ),
             policy_version=version,
             timings=Timings(generate=generate_seconds),
         )
 
     def _request_rewards(
-        self, prompts: list[Prompt], completions: list[str]
-    ) -> Future[torch.Tensor]:
-        """Send the completions (``K`` per prompt, block layout) to the reward service."""
+        self,
+        prompts: list[Prompt],
+        completions: list[str],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        columns: dict[str, list[Any]],
+    ) -> Future[RewardBatch]:
+        """Request the completions' rewards (``K`` per prompt, block layout) from every
+        source at once; functions get the token ids without padding, as TRL passes them."""
         k = len(completions) // len(prompts)
-        return self.scorer.submit(score_items(list(prompts) * k, completions))
+        missing = [c for c in self.reward_columns if c not in columns]
+        if missing:
+            raise ValueError(f"the batch has no column(s) {missing} that reward functions read")
+        keep = completion_mask.bool()
+        ids = [row[m].tolist() for row, m in zip(completion_ids, keep, strict=True)]
+        return self.rewards.submit(
+            repeat_per_sample(prompts, k), completions, ids,
+            columns={c: repeat_per_sample(columns[c], k) for c in self.reward_columns},
+            trainer_state=self.state, step=self.state.global_step + 1,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ log-probs
 
@@ -368,11 +449,11 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
                 self.async_rollouts.close()  # waits for a rollout still being sampled
 
     def close(self) -> None:
-        """Release the reward client (its threads and connections) and the async sampler.
+        """Release the reward sources (their threads and connections) and the async sampler.
         The trainer cannot score afterwards."""
         if self.async_rollouts is not None:
             self.async_rollouts.close()
-        self.scorer.close()
+        self.rewards.close()
 
     def __enter__(self) -> Self:
         return self
@@ -383,9 +464,14 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     # ------------------------------------------------------------------ metrics
 
     def _record_step(self, step: StepRecord) -> None:
-        """The step's metrics (each averaged over the samples or pairs of all ranks)."""
+        """The step's metrics (each averaged over the samples or pairs of all ranks), with
+        each reward source's ``rewards/<name>/mean|std``."""
         for name, value in step_metrics(step).items():
             self.stats[name].append(self.accelerator.gather(value).mean().item())
+        scored = step.rollout.rewards.result()
+        per_source = self.accelerator.gather(scored.per_source.to(step.rewards.device))
+        for name, value in reward_metrics(per_source, scored.names).items():
+            self.stats[name].append(value)
         self.stats["beta"].append(step.beta)
         self.stats["reward/model_changes"].append(float(self.reward_events.model_changes))
 
@@ -394,37 +480,51 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         if "loss" in logs and self.stats:
             logs.update({k: sum(v) / len(v) for k, v in self.stats.items() if v})
             self.stats.clear()
+            if self.completion_log is not None:
+                self.completion_log.flush()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def judge(
-        self, prompts: list[Prompt], num_samples: int = 1, against_reference: bool = True
+        self,
+        prompts: list[Prompt],
+        num_samples: int = 1,
+        against_reference: bool = True,
+        columns: dict[str, list[Any]] | None = None,
     ) -> Judged:
-        """``num_samples`` samples of the policy per prompt, judged by the reward service,
+        """``num_samples`` samples of the policy per prompt, judged by the reward sources,
         with their KL to the reference and, ``against_reference``, the reward of one sample
-        of the reference per prompt (what :meth:`evaluate` reports, per sample)."""
+        of the reference per prompt (what :meth:`evaluate` reports, per sample).
+        ``columns``: the prompts' dataset columns that reward functions read."""
         with unwrapped_for_generation(self.model_wrapped, self.accelerator) as policy:
             was_training = policy.training
             policy.eval()
             try:
                 step = self.state.global_step
-                mine = self._rollout(prompts, step, self._sampler(policy, num_samples=num_samples))
+                mine = self._rollout(
+                    prompts, step, self._sampler(policy, num_samples=num_samples), columns
+                )
                 theirs = None
                 if against_reference:
                     ref, adapter_off = self._reference(policy)
                     with adapter_off:
-                        theirs = self._rollout(prompts, step, self._sampler(ref, num_samples=1))
+                        theirs = self._rollout(
+                            prompts, step, self._sampler(ref, num_samples=1), columns
+                        )
                 logps, ref_logps = self._logps(policy, mine)
             finally:
                 policy.train(was_training)
         mask = mine.completion_mask
+        scored = mine.wait_for_rewards()
         return Judged(
             prompts=list(prompts) * num_samples,
             completions=mine.completions,
-            rewards=mine.wait_for_rewards(),
-            ref_rewards=None if theirs is None else theirs.wait_for_rewards(),
+            rewards=scored.combined,
+            ref_rewards=None if theirs is None else theirs.wait_for_rewards().combined,
+            per_source=scored.per_source,
+            source_names=scored.names,
             kl=masked_sum(logps - ref_logps, mask),
             contain_eos=contains_eos(
                 mine.completion_ids, mask, self.sampling.eos_token_ids
