@@ -29,9 +29,11 @@ MODULE_TIERS = {
     "test_service_units": "unit",
     "test_word_cache": "unit",
     "test_client": "integration",
+    "test_completion_log": "integration",
     "test_compat_routes": "integration",
     "test_reliability_service": "integration",
     "test_reward_function": "integration",
+    "test_rewards": "integration",
     "test_service": "integration",
     "test_trainer": "integration",
     "test_cli": "e2e",
@@ -39,6 +41,7 @@ MODULE_TIERS = {
     "test_distributed": "e2e",
     "test_docker": "e2e",
     "test_faults": "e2e",
+    "test_reward_sources_training": "e2e",
 }
 
 

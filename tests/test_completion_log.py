@@ -20,6 +20,8 @@ from rich.console import Console
 from trainer.completion_log import COMPLETIONS_FILE, CompletionLog, completion_records
 from trainer.losses import select_pairs
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the movie was", "the plot is"]
 # K=3 samples per prompt, block layout: sample k of prompt i is k·B + i.

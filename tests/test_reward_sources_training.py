@@ -48,6 +48,8 @@ from trainer.scoring import score_items
 from trainer.service_process import ServiceProcess, free_port, running_service
 from trainer.trainer import OnlineDPOTrainer
 
+pytestmark = pytest.mark.slow
+
 # Eight prompts, batch 2: one epoch is 4 steps (async mode samples a step ahead within one).
 PROMPTS = ["the movie was", "my friends found the cast", "the plot is", "i think the film",
            "the ending", "overall the show", "the music was", "this book is"]  # fmt: skip

@@ -57,6 +57,8 @@ from trainer.rules import BREVITY_BUDGET_WORDS, brevity_reward
 from trainer.scoring import score_items
 from trainer.service_process import ServiceProcess, free_port, running_service
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["the movie was", "my friends found the cast", "the plot is"]
 K = 4
 # K·B completions in the trainer's block layout: sample k of prompt i is k·B + i.
