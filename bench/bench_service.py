@@ -17,13 +17,16 @@ in one run, on the same texts:
 (c) a naive endpoint that scores each request alone as it arrives (OpenRLHF ``serve_rm``
     pattern: tokenize with padding and run the model inside the async handler);
 plus single-item /score p50 latency against an in-process single-item encode + forward, timed
-in interleaved rounds (the overhead is the median of the per-round differences).
+in interleaved rounds (the overhead is the median of the per-round differences);
+(r) the same workload as (b) on each route in another tool's shape (``--routes``: OpenRLHF's
+    /get_reward, vLLM's /classify and /pooling, TEI's /predict), each timed right after a run
+    of /score and reported as its items/s over that run's (the target: at least 0.95).
 
 The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams, so that it
 measures the servers rather than itself (both servers get the same client). The p50 of the
 project's httpx client is reported as well.
 
-    python bench/bench_service.py [--out bench/results/service.json] [--quick]
+    python bench/bench_service.py [--out bench/results/service.json] [--quick] [--routes ...]
 """
 
 from __future__ import annotations
@@ -177,10 +180,23 @@ class Throughput:
     padded_per_item: float | None = None
 
 
-def bodies(texts: Sequence[str], per_request: int) -> list[tuple[bytes, int]]:
-    """``/score`` bodies of ``per_request`` texts each, with their item counts."""
+# How each route takes a list of texts to score.
+ROUTE_BODIES: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {
+    "/score": lambda texts: {"items": [{"text": t} for t in texts]},
+    "/get_reward": lambda texts: {"query": list(texts)},
+    "/classify": lambda texts: {"input": list(texts)},
+    "/pooling": lambda texts: {"input": list(texts)},
+    "/predict": lambda texts: {"inputs": [[t] for t in texts]},  # a batch, even of one
+}
+COMPAT_ROUTES = ("/get_reward", "/classify", "/pooling", "/predict")
+
+
+def bodies(
+    texts: Sequence[str], per_request: int, route: str = "/score"
+) -> list[tuple[bytes, int]]:
+    """``route``'s bodies of ``per_request`` texts each, with their item counts."""
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
-    return [(json.dumps({"items": [{"text": t} for t in c]}).encode(), len(c)) for c in chunks]
+    return [(json.dumps(ROUTE_BODIES[route](c)).encode(), len(c)) for c in chunks]
 
 
 async def _throughput(
@@ -191,6 +207,7 @@ async def _throughput(
     seconds: float,
     scored_items: bool,
     server_pid: int | None = None,
+    route: str = "/score",
 ) -> tuple[Throughput, dict[str, float] | None]:
     """Steady-state throughput (items/s, mean batch, padded tokens per item) and CPU time per
     item: every client sends the requests (in turn, round and round) back to back, and only a
@@ -208,7 +225,7 @@ async def _throughput(
     """
     conns = [RawClient(port) for _ in range(clients)]
     for conn in conns:  # connect outside the timed part
-        await conn.post("/score", requests[0][0])
+        await conn.post(route, requests[0][0])
     turns = itertools.cycle(requests)
     t0 = time.perf_counter() + warmup_s
     t1 = t0 + seconds
@@ -218,7 +235,7 @@ async def _throughput(
         nonlocal answered
         while time.perf_counter() < t1:
             body, n = next(turns)
-            await conn.post("/score", body)
+            await conn.post(route, body)
             if t0 <= time.perf_counter() <= t1:
                 answered += n
 
@@ -258,13 +275,21 @@ def http_items_per_s(
     args: argparse.Namespace,
     scored_items: bool = True,
     server_pid: int | None = None,
+    route: str = "/score",
 ) -> tuple[Throughput, dict[str, float] | None]:
-    """Steady-state throughput of a server under ``args.clients`` clients and the CPU time
-    per item (see :func:`_throughput`)."""
-    requests = bodies(texts, per_request)
+    """Steady-state throughput of a server's ``route`` under ``args.clients`` clients and the
+    CPU time per item (see :func:`_throughput`)."""
+    requests = bodies(texts, per_request, route)
     return asyncio.run(
         _throughput(
-            port, requests, args.clients, args.warmup, args.seconds, scored_items, server_pid
+            port,
+            requests,
+            args.clients,
+            args.warmup,
+            args.seconds,
+            scored_items,
+            server_pid,
+            route,
         )
     )
 
@@ -480,6 +505,23 @@ def bench_model(name: str, path: Path, args: argparse.Namespace) -> list[dict[st
                     "b_over_a_half": med(_ratios(rounds["b"], rounds["a_half"])),
                     "b_over_c": med(_ratios(rounds["b"], rounds["c"])),
                     "a_over_c": med(_ratios(rounds["a"], rounds["c"])),
+                    # (r): each route against the /score run beside it.
+                    "routes": {
+                        route: {
+                            "items_per_s": med(rounds[f"route:{route}"]),
+                            "score_items_per_s": med(rounds[f"score:{route}"]),
+                            "over_score": med(
+                                _ratios(rounds[f"route:{route}"], rounds[f"score:{route}"])
+                            ),
+                            "over_score_min": min(
+                                _ratios(rounds[f"route:{route}"], rounds[f"score:{route}"])
+                            ),
+                            "over_score_max": max(
+                                _ratios(rounds[f"route:{route}"], rounds[f"score:{route}"])
+                            ),
+                        }
+                        for route in args.routes
+                    },
                     "rounds": rounds,
                 }
             )
@@ -523,7 +565,9 @@ def _throughput_rounds(
     args: argparse.Namespace,
 ) -> dict[str, list[float]]:
     """Per round: (a) just before and just after (b), so that (b) is compared with the
-    machine it met (the round's (a) is the mean of the two); then (c), (a*) and (a½)."""
+    machine it met (the round's (a) is the mean of the two); then (c), (a*) and (a½); then
+    each of ``args.routes`` beside a run of /score of its own (in turns: /score first in even
+    rounds, the route first in odd ones), keys ``route:ROUTE`` and ``score:ROUTE``."""
 
     def inproc(window: int | None) -> Throughput:
         return in_process_items_per_s(scorer, texts, settings, cost, window, args.seconds)
@@ -534,7 +578,9 @@ def _throughput_rounds(
         "cpu_server", "cpu_model", "cpu_client",
     )  # fmt: skip
     rounds: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(args.repeats):
+    for route in args.routes:
+        rounds[f"route:{route}"], rounds[f"score:{route}"] = [], []
+    for round_index in range(args.repeats):
         before = inproc(window)
         served, cpu = http_items_per_s(
             service_port, texts, per_request, args, server_pid=service.pid
@@ -552,6 +598,12 @@ def _throughput_rounds(
         rounds["c"].append(naive.items_per_s)
         rounds["a_global"].append(inproc(None).items_per_s)
         rounds["a_half"].append(inproc(max(1, window // 2)).items_per_s)
+        for route in args.routes:
+            pair = ("/score", route) if round_index % 2 == 0 else (route, "/score")
+            for path in pair:
+                run, _ = http_items_per_s(service_port, texts, per_request, args, route=path)
+                key = "score" if path == "/score" else "route"
+                rounds[f"{key}:{route}"].append(run.items_per_s)
     return rounds
 
 
@@ -579,6 +631,12 @@ def _batch_stats(port: int) -> tuple[float, float, float]:
     )
 
 
+def _print_head(before: str, header: str) -> None:
+    """A markdown table's header row (after ``before``) and its separator."""
+    print(before + header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+
+
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"\n{args.clients} concurrent clients ({args.seconds:g} s after {args.warmup:g} s of "
@@ -592,8 +650,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "(a½) half windows | (b) service | (c) naive | (b)/(a) | (b)/(a) per round | (b)/(a*) | "
         "(b)/(a½) | (b)/(c) | (a)/(c) | mean batch (a) / (b) | padded tokens per item (a) / (b) |"
     )
-    print(header)
-    print("|" + "---|" * header.count(" | ") + "---|")
+    _print_head("", header)
     for r in rows:
         print(
             f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['per_request']} | "
@@ -609,8 +666,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "| model | in-process 1-item p50 | /score 1-item p50 | overhead | /score p50 via httpx | "
         "naive 1-item p50 |"
     )
-    print("\n" + header)
-    print("|" + "---|" * header.count(" | ") + "---|")
+    _print_head("\n", header)
     for r in {r["model"]: r for r in rows}.values():
         print(
             f"| {r['model']} | {r['inproc_single_p50_ms']:.2f} ms | "
@@ -621,8 +677,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "| model | items/request | (a) in-process | (b) server | (b) model process | "
         "(b) clients | (b) total | (b) total / (a) | model process busy |"
     )
-    print("\nCPU time per item (user + system, microseconds):\n\n" + header)
-    print("|" + "---|" * header.count(" | ") + "---|")
+    _print_head("\nCPU time per item (user + system, microseconds):\n\n", header)
     for r in rows:
         cpu = r["service_cpu_us_per_item"]
         total = sum(cpu.values())
@@ -646,9 +701,23 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['service_forward_per_token_us']:.1f} us (in-process here: "
             f"{r['inproc_forward_fixed_ms']:.2f} ms + {r['inproc_forward_per_token_us']:.1f} us)"
         )
+    if args.routes:
+        header = (
+            "| model | items/request | route | (r) route | /score beside it | (r)/(b) | "
+            "(r)/(b) per round |"
+        )
+        _print_head("\n(r) routes in other tools' shapes, each beside a /score run:\n\n", header)
+        for r in rows:
+            for route, x in r["routes"].items():
+                print(
+                    f"| {r['model']} | {r['per_request']} | {route} | "
+                    f"{x['items_per_s']:.0f}/s | {x['score_items_per_s']:.0f}/s | "
+                    f"{x['over_score']:.3f} | {x['over_score_min']:.3f}–"
+                    f"{x['over_score_max']:.3f} |"
+                )
     print(
-        "\ntargets: (b)/(a) >= 0.9, (b)/(c) >= 3, overhead <= 2 ms; (a)/(c) is the most any "
-        "batcher could reach for (b)/(c)"
+        "\ntargets: (b)/(a) >= 0.9, (b)/(c) >= 3, overhead <= 2 ms, (r)/(b) >= 0.95; (a)/(c) is "
+        "the most any batcher could reach for (b)/(c)"
     )
 
 
@@ -687,6 +756,13 @@ def main() -> None:
         choices=["demo", "large"],
         default=["demo", "large"],
         help="demo: the built-in reward model; large: ~10x its parameters, random weights",
+    )
+    parser.add_argument(
+        "--routes",
+        nargs="*",
+        choices=COMPAT_ROUTES,
+        default=list(COMPAT_ROUTES),
+        help="(r): routes in other tools' shapes to time beside /score (none: --routes alone)",
     )
     parser.add_argument("--naive-server", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Message(BaseModel):
@@ -89,18 +89,38 @@ class ScoreResponse(BaseModel):
 
 
 class GetRewardRequest(BaseModel):
-    """OpenRLHF-compatible body of ``POST /get_reward``: full texts to score."""
+    """OpenRLHF-compatible body of ``POST /get_reward``: full texts to score, with the prompts
+    and labels OpenRLHF's remote reward client sends beside them (checked, not used).
+
+    ``query`` may be empty: OpenRLHF given several reward URLs sends empty lists to all but the
+    first, and its run fails unless each answers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    query: list[str] = Field(min_length=1)
+    query: list[str]
+    prompts: list[Any] | None = Field(
+        default=None, description="Each query's prompt (OpenRLHF sends them; not used)."
+    )
+    labels: list[Any] | None = Field(
+        default=None, description="Each query's label, any JSON value (not used)."
+    )
+
+    @field_validator("prompts", "labels")
+    @classmethod
+    def _one_per_query(cls, values: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        query = info.data.get("query")
+        if values is not None and query is not None and len(values) != len(query):
+            raise ValueError(f"{len(values)} entries for {len(query)} queries; give one per query")
+        return values
 
 
 class GetRewardResponse(BaseModel):
-    """OpenRLHF-compatible response: ``rewards`` and ``scores`` hold the same values."""
+    """OpenRLHF-compatible response: ``rewards`` and ``scores`` hold the same values (raw head
+    outputs, as OpenRLHF's ``serve_rm`` answers); ``extra_logs`` is empty."""
 
     rewards: list[float]
     scores: list[float]
+    extra_logs: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class InfoResponse(BaseModel):
@@ -128,6 +148,19 @@ class InfoResponse(BaseModel):
     )
     forward_per_token_us: float | None = Field(
         default=None, description="A forward pass's cost per padded token, fitted at warm-up."
+    )
+    served_model_name: str | None = Field(
+        default=None, description="The name that vLLM-style requests give as 'model'."
+    )
+    revision: str | None = Field(default=None, description="The model's hub revision, if set.")
+    trust_remote_code: bool = Field(
+        default=False, description="Whether the checkpoint's own modeling code may run."
+    )
+    attn_implementation: str | None = Field(
+        default=None, description="The attention kernel the model runs with."
+    )
+    device_map: str | None = Field(
+        default=None, description="'auto' when accelerate placed the model (else see device)."
     )
 
 

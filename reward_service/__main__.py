@@ -16,7 +16,7 @@ from pydantic_settings import CliApp
 from reward_service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from reward_service.app import ServiceState
+    from reward_service.state import ServiceState
 
 _PATH_PREFIXES = ("/", "./", "../", "~")
 logger = logging.getLogger("reward_service")
@@ -85,7 +85,13 @@ def parse_settings(argv: list[str]) -> ServiceSettings:
 def main(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; in-flight requests finish first."""
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    from reward_service.app import create_app  # after parsing: flag errors come without torch
+    # After parsing: flag errors come without torch.
+    from reward_service.app import create_app
+    from reward_service.loading import remote_code_refusal
+
+    if (refusal := remote_code_refusal(settings)) is not None:  # say so before serving
+        print(f"reward-service: error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -7,12 +7,11 @@ answered as soon as its last item is scored. The loop reads its requests straigh
 server's link between two forward passes, so a round follows the previous one without waiting
 for the server, whatever the server's event loop is doing.
 
-The link carries (see :mod:`reward_service.link`):
-
-- server to loop: ``("score", job_id, seqs)``, ``("cancel", job_id)``;
-- loop to server: ``("taken", [(job_id, queue_wait_s), ...])`` when a round takes requests,
-  ``("scored", [(job_id, rows), ...], (items, tokens, padded_tokens, seconds))`` after each
-  forward pass (the requests it finished, and the pass), ``("failed", [job_id, ...], error)``.
+The link carries the batching link's messages (:mod:`reward_service.messages`): the server
+sends :class:`~reward_service.messages.ScoreJob` and :class:`~reward_service.messages.CancelJob`;
+the loop answers :class:`~reward_service.messages.JobsTaken` when a round takes requests,
+:class:`~reward_service.messages.BatchScored` after each forward pass (the requests it finished,
+and the pass), and :class:`~reward_service.messages.JobsFailed`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from reward_service.link import Link, portable_error
+from reward_service.messages import BatchScored, CancelJob, JobsFailed, JobsTaken, ScoreJob
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _fill(
     return batches
 
 
-def _halves_by_request(pool: Sequence[tuple[_Job, int]]) -> list[list[int]] | None:
+def _halves_by_request(pool: Sequence[tuple[_LoopJob, int]]) -> list[list[int]] | None:
     """Indices of ``pool`` in two batches: the items of the older half of its requests, then
     the rest (None for a single request: it is answered only when its last item is scored, so
     splitting it would answer nobody sooner)."""
@@ -158,7 +158,7 @@ class BatchLimits:
 
 
 @dataclass(eq=False)
-class _Job:
+class _LoopJob:
     """One request's items as the loop holds them; ``settled`` once answered, failed or
     cancelled (its remaining items are skipped)."""
 
@@ -199,9 +199,9 @@ class BatchLoop:
         self._forward = forward
         self.limits = limits
         self._pool_limit = limits.max_batch_size * _POOL_BATCHES
-        self._queue: deque[tuple[_Job, int]] = deque()  # (job, item index), oldest first
-        self._jobs: dict[int, _Job] = {}  # received, not yet settled
-        self._in_round: list[_Job] = []
+        self._queue: deque[tuple[_LoopJob, int]] = deque()  # (job, item index), oldest first
+        self._jobs: dict[int, _LoopJob] = {}  # received, not yet settled
+        self._in_round: list[_LoopJob] = []
         self._expected = 1  # items the next round should wait for
         self._round_end = 0.0
         self._last_wait = 0.0  # seconds the last round that waited for clients spent waiting
@@ -212,7 +212,7 @@ class BatchLoop:
             idle = True
             while True:
                 while not self._queue:
-                    self._receive(None)
+                    self._take_in(None)
                     idle = True
                 try:
                     self._round(idle)
@@ -228,23 +228,24 @@ class BatchLoop:
         finally:
             self._link.close()
 
-    def _receive(self, timeout: float | None) -> None:
+    def _take_in(self, timeout: float | None) -> None:
         """Take in every message that has arrived, waiting at most ``timeout`` seconds for the
         first (None: until one comes); EOFError once the server has closed the link."""
         link = self._link
         if not link.poll(timeout):
             return
         while True:
-            message = link.recv()
-            if message[0] == "score":
-                _, job_id, seqs = message
-                job = _Job(job_id, seqs, time.perf_counter())
-                self._jobs[job_id] = job
-                self._queue.extend((job, i) for i in range(len(seqs)))
-            else:  # ("cancel", job_id): its handler is gone, skip its work
-                cancelled = self._jobs.pop(message[1], None)
-                if cancelled is not None:
-                    cancelled.settled = True
+            match link.recv():
+                case ScoreJob(job_id, seqs):
+                    job = _LoopJob(job_id, seqs, time.perf_counter())
+                    self._jobs[job_id] = job
+                    self._queue.extend((job, i) for i in range(len(seqs)))
+                case CancelJob(job_id):  # its handler is gone: skip its work
+                    cancelled = self._jobs.pop(job_id, None)
+                    if cancelled is not None:
+                        cancelled.settled = True
+                case message:
+                    raise TypeError(f"unexpected message for the batching loop: {message!r}")
             if not link.poll(0):
                 return
 
@@ -281,13 +282,13 @@ class BatchLoop:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
-            self._receive(remaining)
+            self._take_in(remaining)
         return time.perf_counter() - start
 
-    def _take(self) -> list[tuple[_Job, int]]:
+    def _take(self) -> list[tuple[_LoopJob, int]]:
         """Remove and return the oldest queued items (at most a pool); tell the server which
         requests left the queue."""
-        pool: list[tuple[_Job, int]] = []
+        pool: list[tuple[_LoopJob, int]] = []
         taken: list[tuple[int, float]] = []
         now = time.perf_counter()
         while self._queue and len(pool) < self._pool_limit:
@@ -300,10 +301,10 @@ class BatchLoop:
             pool.append((job, i))
         self._in_round = list(dict.fromkeys(job for job, _ in pool))
         if taken:
-            self._link.send(("taken", taken))
+            self._link.send(JobsTaken(taken))
         return pool
 
-    def _run_round(self, batches: list[list[tuple[_Job, int]]]) -> int:
+    def _run_round(self, batches: list[list[tuple[_LoopJob, int]]]) -> int:
         """Run a round's batches back to back, sending each one's finished requests as soon as
         it is scored. Returns how many items those requests had."""
         returning = 0
@@ -330,12 +331,12 @@ class BatchLoop:
                     done.append((job.id, job.results))
                     returning += len(job.seqs)
             lengths = [len(s) for s in seqs]
-            stats = (len(seqs), sum(lengths), len(seqs) * max(lengths), seconds)
-            self._link.send(("scored", done, stats))
-            self._receive(0)  # what arrived meanwhile: cancellations, and the next round
+            padded = len(seqs) * max(lengths)
+            self._link.send(BatchScored(done, len(seqs), sum(lengths), padded, seconds))
+            self._take_in(0)  # what arrived meanwhile: cancellations, and the next round
         return returning
 
-    def _fail(self, jobs: Sequence[_Job], exc: BaseException) -> None:
+    def _fail(self, jobs: Sequence[_LoopJob], exc: BaseException) -> None:
         """Report ``jobs`` (those not settled yet) as failed with ``exc``."""
         failed = []
         for job in dict.fromkeys(jobs):
@@ -344,7 +345,7 @@ class BatchLoop:
                 del self._jobs[job.id]
                 failed.append(job.id)
         if failed:
-            self._link.send(("failed", failed, portable_error(exc)))
+            self._link.send(JobsFailed(failed, portable_error(exc)))
 
 
 def serve_in_thread(forward: Forward, limits: BatchLimits) -> socket.socket:

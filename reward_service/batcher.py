@@ -20,9 +20,13 @@ from typing import cast
 
 from reward_service.batch_loop import BatchLimits
 from reward_service.link import FrameReader, frame
+from reward_service.messages import BatchScored, CancelJob, JobsFailed, JobsTaken, ScoreJob
 from reward_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
+
+# Weight of the latest forward pass in the running estimate of items/s (Retry-After's basis).
+_RATE_SMOOTHING = 0.2
 
 
 class QueueFull(Exception):
@@ -38,7 +42,7 @@ class Draining(Exception):
 
 
 @dataclass(eq=False)
-class _Job:
+class _SentJob:
     """A request sent to the loop: the future its handler awaits, and whether the loop has
     taken it out of its queue yet."""
 
@@ -68,7 +72,7 @@ class Batcher(asyncio.Protocol):
         self.limits = limits
         self.max_queue_items = max_queue_items
         self._lost = lost
-        self._jobs: dict[int, _Job] = {}  # sent and not yet answered
+        self._jobs: dict[int, _SentJob] = {}  # sent and not yet answered
         self._ids = itertools.count()
         self._queued = 0  # items of jobs the loop has not taken yet
         self._items_per_s = 0.0
@@ -103,11 +107,11 @@ class Batcher(asyncio.Protocol):
             raise QueueFull(self._retry_after())
         assert self._transport is not None
         job_id = next(self._ids)
-        job = _Job(self._loop.create_future(), len(seqs))
+        job = _SentJob(self._loop.create_future(), len(seqs))
         self._jobs[job_id] = job
         self._queued += job.size
         self._metrics.queue_depth.set(self._queued)
-        self._transport.write(frame(("score", job_id, seqs)))
+        self._transport.write(frame(ScoreJob(job_id, seqs)))
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -115,7 +119,7 @@ class Batcher(asyncio.Protocol):
                 self._leave_queue(job)
                 self._metrics.queue_depth.set(self._queued)
                 if not self._transport.is_closing():
-                    self._transport.write(frame(("cancel", job_id)))
+                    self._transport.write(frame(CancelJob(job_id)))
             raise
 
     async def close(self, timeout_s: float) -> None:
@@ -138,13 +142,15 @@ class Batcher(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for message in self._reader.feed(data):
-            kind = message[0]
-            if kind == "scored":
-                self._scored(message[1], message[2])
-            elif kind == "taken":
-                self._taken(message[1])
-            else:  # "failed"
-                self._settle(message[1], message[2])
+            match message:
+                case BatchScored():
+                    self._scored(message)
+                case JobsTaken(waits):
+                    self._taken(waits)
+                case JobsFailed(job_ids, error):
+                    self._settle(job_ids, error)
+                case _:
+                    raise TypeError(f"unexpected message from the batching loop: {message!r}")
         self._metrics.queue_depth.set(self._queued)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -156,22 +162,18 @@ class Batcher(asyncio.Protocol):
         self._broken = self._loop.create_task(asyncio.to_thread(self._lost))
         self._broken.add_done_callback(lambda task: self._settle(list(self._jobs), task.result()))
 
-    def _taken(self, entries: Sequence[tuple[int, float]]) -> None:
-        for job_id, waited_s in entries:
+    def _taken(self, waits: Sequence[tuple[int, float]]) -> None:
+        for job_id, waited_s in waits:
             job = self._jobs.get(job_id)
             if job is not None:
                 self._leave_queue(job)
                 self._metrics.queue_wait_seconds.observe(waited_s)
 
-    def _scored(
-        self,
-        done: Sequence[tuple[int, list[list[float]]]],
-        batch: tuple[int, int, int, float],
-    ) -> None:
-        size, tokens, padded_tokens, seconds = batch
-        self._metrics.observe_batch(size, tokens, padded_tokens, seconds)
-        self._items_per_s = 0.8 * self._items_per_s + 0.2 * size / max(seconds, 1e-6)
-        for job_id, rows in done:
+    def _scored(self, batch: BatchScored) -> None:
+        self._metrics.observe_batch(batch.items, batch.tokens, batch.padded_tokens, batch.seconds)
+        rate = batch.items / max(batch.seconds, 1e-6)
+        self._items_per_s += _RATE_SMOOTHING * (rate - self._items_per_s)
+        for job_id, rows in batch.done:
             job = self._jobs.pop(job_id, None)
             if job is not None:
                 self._leave_queue(job)
@@ -188,7 +190,7 @@ class Batcher(asyncio.Protocol):
                     job.future.set_exception(error)
         self._metrics.queue_depth.set(self._queued)
 
-    def _leave_queue(self, job: _Job) -> None:
+    def _leave_queue(self, job: _SentJob) -> None:
         if not job.taken:
             job.taken = True
             self._queued -= job.size

@@ -21,6 +21,7 @@ _MAX_NAME = 40
 _STATUS_TYPES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -32,16 +33,23 @@ _STATUS_TYPES = {
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, machine-readable type, human message, extra headers."""
+    """An error answer: HTTP status, machine-readable type, human message, extra headers, and
+    the field at fault where one is (vLLM's error shape reports it as ``param``)."""
 
     def __init__(
-        self, status: int, type_: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
 
 
 def error_response(
@@ -81,7 +89,8 @@ def from_validation_error(exc: ValidationError) -> ApiError:
     invalid_json = [e for e in errors if e["type"] == "json_invalid"]
     if invalid_json:
         return ApiError(400, "invalid_json", f"body is not valid JSON: {invalid_json[0]['msg']}")
-    return ApiError(422, "validation_error", format_validation_errors(errors))
+    message = format_validation_errors(errors)
+    return ApiError(422, "validation_error", message, param=format_loc(errors[0]["loc"]))
 
 
 def api_error_response(exc: ApiError, metrics: ServiceMetrics) -> JSONResponse:

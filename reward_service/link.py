@@ -1,5 +1,6 @@
-"""The channel between the server and the batching loop beside the model: pickled messages,
-each prefixed by its length, over a connected socket.
+"""The channel between the server and its model process (or the batching loop beside the
+model): the typed messages of :mod:`reward_service.messages`, pickled as their kind's tag and
+their fields, each prefixed by its length, over a connected socket.
 
 The server's end is an asyncio protocol (:class:`~reward_service.batcher.Batcher`), so the
 event loop never blocks on it; the other end (the model process, or a thread of the server when
@@ -13,15 +14,23 @@ import selectors
 import socket
 import struct
 from collections import deque
-from typing import Any
+
+from reward_service.messages import KINDS, Message
 
 _HEADER = struct.Struct("!Q")
+_TAGS = {kind: tag for tag, kind in enumerate(KINDS)}
 
 
-def frame(message: Any) -> bytes:
-    """``message`` pickled, with its length in front."""
-    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+def frame(message: Message) -> bytes:
+    """``message`` as its kind's tag and its fields, pickled, with its length in front."""
+    fields = (_TAGS[type(message)], *message.__dict__.values())
+    payload = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(payload)) + payload
+
+
+def _unframe(payload: memoryview) -> Message:
+    tag, *fields = pickle.loads(payload)
+    return KINDS[tag](*fields)
 
 
 class FrameReader:
@@ -35,7 +44,7 @@ class FrameReader:
         """Whether bytes of an unfinished message are held."""
         return bool(self._buffer)
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes) -> list[Message]:
         """The messages that ``data`` completes, in order."""
         buffer = self._buffer
         buffer += data
@@ -47,7 +56,7 @@ class FrameReader:
                 end = start + _HEADER.size + size
                 if len(buffer) < end:
                     break
-                messages.append(pickle.loads(view[start + _HEADER.size : end]))
+                messages.append(_unframe(view[start + _HEADER.size : end]))
                 start = end
         del buffer[:start]
         return messages
@@ -60,11 +69,11 @@ class Link:
         sock.setblocking(True)
         self._sock = sock
         self._reader = FrameReader()
-        self._ready: deque[Any] = deque()
+        self._ready: deque[Message] = deque()
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Message) -> None:
         """Send ``message``; OSError (BrokenPipeError) once the other end is gone."""
         self._sock.sendall(frame(message))
 
@@ -73,7 +82,7 @@ class Link:
         ``timeout`` seconds for one (None: as long as it takes)."""
         return bool(self._ready) or bool(self._selector.select(timeout))
 
-    def recv(self) -> Any:
+    def recv(self) -> Message:
         """The next message; EOFError once the other end has closed the channel."""
         while not self._ready:
             try:

@@ -51,6 +51,10 @@ class ServiceMetrics:
             "reward_truncations", "Items cut to max_length.", ["side"], registry=r
         )
         self.errors = Counter("reward_errors", "Error responses by type.", ["type"], registry=r)
+        self.client_disconnects = Counter(
+            "reward_client_disconnects", "Requests whose client went away before the answer.",
+            ["route"], registry=r,
+        )  # fmt: skip
 
     def observe_batch(self, size: int, tokens: int, padded_tokens: int, seconds: float) -> None:
         """Record one forward pass of ``size`` items, ``tokens`` real of ``padded_tokens``."""

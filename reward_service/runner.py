@@ -24,17 +24,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import cached_file
 from transformers.utils.logging import disable_progress_bar
 
 from reward_service.batch_loop import BatchLimits, BatchLoop, serve_in_thread
 from reward_service.link import Link, portable_error
+from reward_service.loading import load_model
+from reward_service.messages import (
+    Message,
+    ModelAnswer,
+    ModelError,
+    ModelLoaded,
+    RunForward,
+    StartBatchLoop,
+    TimeForward,
+)
 from reward_service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,9 @@ class ModelInfo:
 
     device: str
     dtype: str
+    attn_implementation: str | None
     weights_hash: str
+    problem_type: str | None
     num_labels: int
     id2label: dict[int, str]
     pad_id: int
@@ -107,7 +117,7 @@ def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
-def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
+def weights_hash(model: PreTrainedModel, name_or_path: str, revision: str | None = None) -> str:
     """Short sha256 of the weight files (safetensors, else .bin) the model was loaded from.
 
     Falls back to hashing the in-memory state dict when no weight files can be found.
@@ -115,7 +125,7 @@ def weights_hash(model: PreTrainedModel, name_or_path: str) -> str:
     folder: Path | None = Path(name_or_path)
     if not folder.is_dir():
         try:  # a hub id: the snapshot folder it was downloaded to
-            folder = Path(cached_file(name_or_path, "config.json")).parent
+            folder = Path(cached_file(name_or_path, "config.json", revision=revision)).parent
         except OSError:
             folder = None
     files = []
@@ -144,7 +154,8 @@ class LocalRunner:
 
     @classmethod
     def load(cls, settings: ServiceSettings, pad_fallback: int | None) -> LocalRunner:
-        """Load the model (local path or hub id) on the configured device and dtype.
+        """Load the model (local path or hub id) as configured (see :mod:`reward_service.
+        loading`): on ``device``, or where ``device_map`` puts it.
 
         ``pad_fallback`` (the tokenizer's pad, else EOS) is used when the config names no pad
         token: the head reads the score at the last token that is not ``pad_token_id``.
@@ -152,12 +163,13 @@ class LocalRunner:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         disable_progress_bar()  # a progress bar per load is noise in a service log
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if settings.dtype == "auto" else _DTYPES[settings.dtype]
-        model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype)
-        model.to(device).eval()
+        model = load_model(settings)
+        if settings.device_map is None:
+            device = settings.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model.to(device)
+        model.eval()
         if settings.compile:
             # Dynamic shapes: one graph for every batch size and length, plus the shapes with a
             # 1 in them, which dynamo specializes (the warm-up runs each kind).
@@ -174,7 +186,9 @@ class LocalRunner:
         info = ModelInfo(
             device=str(first.device),
             dtype=str(first.dtype).removeprefix("torch."),
-            weights_hash=weights_hash(model, settings.model),
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            weights_hash=weights_hash(model, settings.model, settings.revision),
+            problem_type=model.config.problem_type,
             num_labels=model.config.num_labels,
             id2label={int(k): v for k, v in model.config.id2label.items()},
             pad_id=text_config.pad_token_id,
@@ -231,24 +245,21 @@ class ProcessRunner:
         ctx = mp.get_context("spawn")
         ours, theirs = socket.socketpair()
         process = ctx.Process(
-            target=_serve, args=(theirs, settings, pad_fallback), name="reward-model"
+            target=_model_process_main, args=(theirs, settings, pad_fallback), name="reward-model"
         )
         process.start()
         theirs.close()  # only the child holds that end now: its exit is our EOF
         link = Link(ours)
         try:
-            info = _receive(link, process)
+            info = _reply(link, process)
+            if not isinstance(info, ModelInfo):
+                raise TypeError(f"expected the model's info, got {info!r}")
         except BaseException:
             link.close()
             _stop(process, timeout_s=10.0)
             raise
         logger.info("model process %d loaded the model", process.pid)
         return cls(process, link, info)
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id."""
-        return self._process.pid
 
     def failure(self) -> str | None:
         if self._process.is_alive():
@@ -257,21 +268,21 @@ class ProcessRunner:
 
     def forward(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Head logits ``[len(seqs), num_labels]`` (float32), computed in the child."""
-        return torch.tensor(self._ask("forward", seqs), dtype=torch.float32)
+        return torch.tensor(self._ask(RunForward(list(seqs))), dtype=torch.float32)
 
     def time_forward(self, seqs: Sequence[list[int]]) -> float:
-        return float(self._ask("time_forward", seqs))
+        return float(self._ask(TimeForward(list(seqs))))
 
-    def _ask(self, kind: str, seqs: Sequence[list[int]]) -> Any:
+    def _ask(self, request: RunForward | TimeForward) -> Any:
         """The child's answer to one request (before :meth:`serve`)."""
         with self._lock:
             if self._link is None:
                 raise RuntimeError("the model process runs the batching loop; use the batcher")
             try:
-                self._link.send((kind, seqs))
+                self._link.send(request)
             except OSError as exc:  # a broken pipe: the child is gone
                 raise self.lost() from exc
-            return _receive(self._link, self._process)
+            return _reply(self._link, self._process)
 
     def serve(self, limits: BatchLimits) -> socket.socket:
         """Turn the child into the batching loop; returns the server's end of its link."""
@@ -280,7 +291,7 @@ class ProcessRunner:
                 raise RuntimeError("the batching loop is already running")
             link, self._link = self._link, None
             try:
-                link.send(("serve", limits))
+                link.send(StartBatchLoop(limits))
             except OSError as exc:
                 link.close()
                 raise self.lost() from exc
@@ -297,15 +308,22 @@ class ProcessRunner:
         _stop(self._process, timeout_s)
 
 
-def _receive(link: Link, process: mp.process.BaseProcess) -> Any:
-    """The child's next answer; re-raises the error it sent, or ModelProcessExited."""
+def _reply(link: Link, process: mp.process.BaseProcess) -> Any:
+    """The model process's next answer (its model's info, or what it was asked); re-raises
+    the error it sent, or ModelProcessExited."""
     try:
-        kind, payload = link.recv()
+        message = link.recv()
     except (EOFError, OSError) as exc:
         raise _exited(process) from exc
-    if kind == "error":
-        raise payload
-    return payload
+    match message:
+        case ModelLoaded(info):
+            return info
+        case ModelAnswer(value):
+            return value
+        case ModelError(error):
+            raise error
+        case _:
+            raise TypeError(f"unexpected message from the model process: {message!r}")
 
 
 def _exited(process: mp.process.BaseProcess) -> ModelProcessExited:
@@ -323,30 +341,39 @@ def _stop(process: mp.process.BaseProcess, timeout_s: float) -> None:
         process.join()
 
 
-def _serve(sock: socket.socket, settings: ServiceSettings, pad_fallback: int | None) -> None:
-    """The child: load the model, answer forward requests, then run the batching loop when
-    asked to, until the link closes."""
+def _model_process_main(
+    sock: socket.socket, settings: ServiceSettings, pad_fallback: int | None
+) -> None:
+    """The model process: load the model, answer forward requests, then run the batching loop
+    when asked to, until the link closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     link = Link(sock)
     try:
         runner = LocalRunner.load(settings, pad_fallback)
     except Exception as exc:
-        link.send(("error", portable_error(exc)))
+        link.send(ModelError(portable_error(exc)))
         return
-    link.send(("ready", runner.info))
+    link.send(ModelLoaded(runner.info))
     while True:
         try:
-            kind, payload = link.recv()
+            message = link.recv()
         except EOFError:
             return
-        if kind == "serve":
-            BatchLoop(link, runner.forward, payload).run()
+        if isinstance(message, StartBatchLoop):
+            BatchLoop(link, runner.forward, message.limits).run()
             return
-        try:
-            if kind == "time_forward":
-                reply: tuple[str, Any] = ("ok", runner.time_forward(payload))
-            else:
-                reply = ("ok", runner.forward(payload).tolist())
-        except Exception as exc:
-            reply = ("error", portable_error(exc))
-        link.send(reply)
+        link.send(_answer(runner, message))
+
+
+def _answer(runner: LocalRunner, message: Message) -> ModelAnswer | ModelError:
+    """The model process's answer to one request before the batching loop starts."""
+    try:
+        match message:
+            case RunForward(seqs):
+                return ModelAnswer(runner.forward(seqs).tolist())
+            case TimeForward(seqs):
+                return ModelAnswer(runner.time_forward(seqs))
+            case _:
+                raise TypeError(f"unexpected message for the model process: {message!r}")
+    except Exception as exc:
+        return ModelError(portable_error(exc))

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import torch
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
 from common.schemas import ScoreItem
 from reward_service.batch_loop import BatchLimits, ForwardCost
+from reward_service.loading import load_tokenizer
 from reward_service.runner import Runner, start_runner
 from reward_service.settings import ServiceSettings
 from reward_service.word_cache import WordCache, special_edges
@@ -26,17 +26,34 @@ from reward_service.word_cache import WordCache, special_edges
 logger = logging.getLogger(__name__)
 
 TruncationSide = Literal["left", "right", "error"]
+# What is tokenized: a text, or a (text, text_pair) pair, encoded with the tokenizer's pair
+# template (the TEI /predict route's pairs).
+Text = str | tuple[str, str]
 # Requests with fewer texts are tokenized one by one: handing a few short texts to the Rust
-# thread pool took ~10x longer than encoding them in place while a forward pass ran.
+# thread pool takes far longer than encoding them in place while a forward pass runs.
 _PARALLEL_MIN = 16
 
 
 class ItemError(ValueError):
     """An item that cannot be scored; ``index`` is its position in the request."""
 
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(f"items[{index}]: {message}")
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"items[{index}]: {reason}")
         self.index = index
+        self.reason = reason
+
+    def naming(self, field: str) -> str:
+        """The message with the request's own name for the list of items."""
+        return f"{field}[{self.index}]: {self.reason}"
+
+
+class TooLong(ItemError):
+    """An item longer than ``max_length`` tokens where truncation is off."""
+
+    def __init__(self, index: int, tokens: int, max_length: int) -> None:
+        super().__init__(index, f"{tokens} tokens exceed max_length {max_length} (truncation off)")
+        self.tokens = tokens
+        self.max_length = max_length
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ class Scorer:
         self.weights_hash = info.weights_hash
         self.device = info.device
         self.dtype = info.dtype
+        self.problem_type = info.problem_type
+        self.attn_implementation = info.attn_implementation
         self.pad_id = info.pad_id
         if self.pad_id == tokenizer.eos_token_id:
             logger.warning("pad token == EOS: items ending in EOS are scored at the token before")
@@ -121,7 +140,7 @@ class Scorer:
     @classmethod
     def load(cls, settings: ServiceSettings) -> Scorer:
         """Load tokenizer and model as configured (local path or hub id)."""
-        tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model)
+        tokenizer = load_tokenizer(settings)
         pad = tokenizer.pad_token_id
         runner = start_runner(settings, tokenizer.eos_token_id if pad is None else pad)
         try:
@@ -150,6 +169,14 @@ class Scorer:
         """Release the model (stops its process, if it has one)."""
         self.runner.close()
 
+    def failure(self) -> str | None:
+        """Why the model can no longer score (its process exited); None while it can."""
+        return self.runner.failure()
+
+    def lost(self) -> BaseException:
+        """What requests fail with once the batching loop's link broke without being closed."""
+        return self.runner.lost()
+
     def label_index(self, label: int | str | None) -> int:
         """Index of a head output given as index or id2label name (None: the default label)."""
         if label is None:
@@ -171,9 +198,13 @@ class Scorer:
         if not item.is_conversational:
             assert isinstance(item.prompt, str) and item.completion is not None
             return item.prompt + item.completion  # as TRL does for non-conversational data
+        return self.render_chat(_messages(item))
+
+    def render_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> str:
+        """``messages`` through the reward tokenizer's chat template, as text."""
         if not self.has_chat_template:
             raise ValueError("the reward tokenizer has no chat template; send text instead")
-        return self.tokenizer.apply_chat_template(_messages(item), tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
 
     def render_all(self, items: Sequence[ScoreItem]) -> list[str]:
         """Render every item; :class:`ItemError` names the first one that fails."""
@@ -185,31 +216,47 @@ class Scorer:
                 raise ItemError(index, str(exc)) from None
         return texts
 
-    def encode(self, texts: Sequence[str]) -> Encoded:
-        """Tokenize and truncate. Texts that already start with BOS (chat templates usually add
-        it) are tokenized without special tokens, so no item ever gets a double BOS."""
-        has_bos = [self._starts_with_bos(t) for t in texts]
+    def encode(
+        self,
+        texts: Sequence[Text],
+        *,
+        side: TruncationSide | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> Encoded:
+        """Tokenize, and truncate each item to ``max_length`` tokens (default: the service's)
+        on ``side`` (default: the service's; ``error``: :class:`TooLong` instead).
+
+        Texts that already start with BOS (chat templates usually add it) are tokenized
+        without special tokens, so no item ever gets a double BOS; ``add_special_tokens=False``
+        adds none to any. A pair gets the tokenizer's pair template."""
+        side = side or self.truncation_side
+        limit = self.max_length if max_length is None else max_length
+        plain = [
+            not add_special_tokens or self._starts_with_bos(t if isinstance(t, str) else t[0])
+            for t in texts
+        ]
         ids: list[list[int]] = [[] for _ in texts]
         for add_special in (True, False):
-            indices = [i for i, b in enumerate(has_bos) if b != add_special]
+            indices = [i for i, p in enumerate(plain) if p != add_special]
             if indices:
                 encoded = self._tokenize([texts[i] for i in indices], add_special)
                 for i, seq in zip(indices, encoded, strict=True):
                     ids[i] = seq
         truncated = [False] * len(texts)
         for i, seq in enumerate(ids):
-            if len(seq) <= self.max_length:
+            if len(seq) <= limit:
                 continue
-            if self.truncation_side == "error":
-                raise ItemError(
-                    i, f"{len(seq)} tokens exceed max_length {self.max_length} "
-                    "(truncation_side=error)",
-                )  # fmt: skip
-            if has_bos[i]:  # keep the template's BOS; nothing was added after the content
+            if side == "error":
+                raise TooLong(i, len(seq), limit)
+            if plain[i]:  # keep a template's BOS; nothing was added after the content
                 head, tail = int(seq[0] == self.bos_id), 0
             else:
                 head, tail = self._special_head, self._special_tail
-            ids[i] = truncate(seq, self.max_length, self.truncation_side, head, tail)
+            try:
+                ids[i] = truncate(seq, limit, side, head, tail)
+            except ValueError as exc:
+                raise ItemError(i, str(exc)) from None
             truncated[i] = True
         return Encoded(ids=ids, truncated=truncated)
 
@@ -265,7 +312,9 @@ class Scorer:
     def _starts_with_bos(self, text: str) -> bool:
         return bool(self.bos_token) and text.startswith(self.bos_token)
 
-    def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    def _tokenize(self, texts: Sequence[Text], add_special_tokens: bool) -> list[list[int]]:
+        if any(isinstance(t, tuple) for t in texts):  # pairs: rare, one by one
+            return [self._tokenize_one(t, add_special_tokens) for t in texts]
         if self._fast is None:
             return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         if self._words is not None:
@@ -274,6 +323,14 @@ class Scorer:
             return [self._fast.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         encodings = self._fast.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings]
+
+    def _tokenize_one(self, text: Text, add_special_tokens: bool) -> list[int]:
+        """One text or pair, with the full tokenizer (or the word cache for a text)."""
+        if isinstance(text, str):
+            return self._tokenize([text], add_special_tokens)[0]
+        if self._fast is None:
+            return self.tokenizer(*text, add_special_tokens=add_special_tokens)["input_ids"]
+        return self._fast.encode(*text, add_special_tokens=add_special_tokens).ids
 
     def _encode_one(self, text: str, add_special_tokens: bool) -> list[int]:
         """One text through the word cache, or the full tokenizer when the cache declines it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -23,13 +24,37 @@ class ServiceSettings(BaseSettings):
     model: str = Field(
         description="Sequence-classification model: a local directory or a hub id.",
     )
+    served_model_name: str | None = Field(
+        default=None,
+        description="The model's name in answers and the name that vLLM-style requests must "
+        "give as 'model' (default: the last part of --model).",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision of the model (and of its tokenizer): a branch, tag or commit.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run the modeling code a checkpoint ships (its config's auto_map); only "
+        "for checkpoints you trust.",
+    )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer directory or hub id (default: the model's)."
     )
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights dtype; 'auto' takes the one saved in the config."
     )
+    attn_implementation: str | None = Field(
+        default=None,
+        description="Attention kernel, as transformers names it: 'eager', 'sdpa', "
+        "'flash_attention_2'... (default: transformers' choice for the model).",
+    )
     device: str = Field(default="auto", description="'auto' (cuda if present), 'cpu', 'cuda:0'...")
+    device_map: Literal["auto"] | None = Field(
+        default=None,
+        description="'auto': let accelerate spread the model over the GPUs (and CPU) there are, "
+        "for a model too large for one; instead of --device.",
+    )
     max_length: int | None = Field(
         default=None,
         gt=1,
@@ -100,10 +125,17 @@ class ServiceSettings(BaseSettings):
         return key
 
     @model_validator(mode="after")
-    def _consistent_limits(self) -> Self:
+    def _consistent(self) -> Self:
         if self.max_items_per_request > self.max_queue_items:
             raise ValueError(
                 f"max_items_per_request ({self.max_items_per_request}) must not exceed "
                 f"max_queue_items ({self.max_queue_items})"
             )
+        if self.device_map is not None and self.device != "auto":
+            raise ValueError(
+                f"device ({self.device!r}) and device_map ({self.device_map!r}) both place the "
+                "model: give one of them"
+            )
+        if self.served_model_name is None:
+            self.served_model_name = PurePosixPath(self.model.rstrip("/")).name or self.model
         return self

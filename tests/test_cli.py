@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,10 @@ from trainer.service_process import running_service
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         capture_output=True,
@@ -173,6 +176,103 @@ def test_train_from_yaml_against_a_real_service(tmp_path: Path, demo_models: Dem
     trained = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(demo_models.policy)
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+
+
+def test_model_loading_options_from_yaml_and_flags(tmp_path: Path, run_yaml: Path) -> None:
+    """TRL's ``model_init_kwargs`` (a YAML mapping, or JSON as a flag) and
+    ``trust_remote_code``."""
+    config = yaml.safe_load(run_yaml.read_text())
+    config |= {"model_init_kwargs": {"dtype": "bfloat16", "revision": "v1"}}
+    path = write_yaml(tmp_path / "kwargs.yaml", config)
+    _, _, parsed = parse_train_args(["--config", str(path), "--trust_remote_code"])
+    assert parsed.model_init_kwargs == {"dtype": "bfloat16", "revision": "v1"}
+    assert parsed.trust_remote_code is True
+    _, _, parsed = parse_train_args(
+        ["--config", str(run_yaml), "--model_init_kwargs", '{"attn_implementation": "sdpa"}']
+    )
+    assert parsed.model_init_kwargs == {"attn_implementation": "sdpa"}
+    assert parsed.trust_remote_code is False
+
+
+CUSTOM_MODELING = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny-custom-llama"
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def custom_code_model(demo_models: DemoModels, out: Path) -> Path:
+    """The demo policy as a model whose classes transformers does not have: its config names
+    them in ``auto_map`` and ``modeling_tiny_custom.py`` beside it defines them (what a Hub
+    model with custom code looks like)."""
+    shutil.copytree(demo_models.policy, out)
+    (out / "modeling_tiny_custom.py").write_text(CUSTOM_MODELING)
+    config = json.loads((out / "config.json").read_text())
+    config |= {
+        "model_type": "tiny-custom-llama",
+        "architectures": ["TinyCustomForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_tiny_custom.TinyCustomConfig",
+            "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomForCausalLM",
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_custom_code_model_needs_trust_remote_code(tmp_path: Path, demo_models: DemoModels) -> None:
+    """Without ``trust_remote_code`` the CLI refuses a model that ships code, in one line; with
+    it the model's own class trains, loaded with ``model_init_kwargs`` (bfloat16 here, over
+    the ``dtype`` field's float32)."""
+    model = custom_code_model(demo_models, tmp_path / "custom")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}  # where transformers imports it from
+    out = tmp_path / "run"
+    args = [
+        "train", "--model_name_or_path", str(model),
+        "--dataset_name", str(demo_models.train_prompts), "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "4",
+        "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--logging_steps", "1",
+    ]  # fmt: skip
+    refused = run_cli(*args, "--reward_url", "http://127.0.0.1:9", env=env)
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("online-dpo: error: model ") and "trust_remote_code" in last, last
+    assert "custom code" in last
+    with running_service(demo_models.reward) as url:
+        kwargs = '{"dtype": "bfloat16"}'
+        proc = run_cli(
+            *args, "--reward_url", url, "--trust_remote_code", "--model_init_kwargs", kwargs,
+            env=env,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["TinyCustomForCausalLM"]
+    assert saved["dtype"] == "bfloat16"
+
+
+def test_reward_service_not_reachable_is_one_line(
+    tmp_path: Path, demo_models: DemoModels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.service_process import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [
+        "train", "--model_name_or_path", str(demo_models.policy),
+        "--dataset_name", str(demo_models.train_prompts), "--output_dir", str(tmp_path),
+        "--reward_url", url, "--reward_max_retries", "0", "--report_to", "none",
+        "--use_cpu", "true",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("online-dpo: error: reward_url: ") and url in err[-1], err
 
 
 def test_bad_demo_value(capsys: pytest.CaptureFixture[str]) -> None:

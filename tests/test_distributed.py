@@ -22,10 +22,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from tests.support import exited_within, process_alive, tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
+from trainer.checkpoint import STAGING_DIR
 from trainer.cli import main as cli_main
 from trainer.losses import dpo_losses
+from trainer.metrics import StepRecord
 from trainer.service_process import running_service
-from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
+from trainer.trainer import OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,19 +61,19 @@ class RecordingTrainer(OnlineDPOTrainer):
         self.steps[-1]["loss"] = loss.detach()
         return loss
 
-    def _record_step(self, rollout: Any, logps: Any, ref_logps: Any, rewards: Any,
-                     contain_eos: Any, pairs: Any, beta: float) -> None:  # fmt: skip
-        mask = rollout.completion_mask
+    def _record_step(self, step: StepRecord) -> None:
+        mask = step.rollout.completion_mask
         self.steps.append(
             {
-                "rewards": rewards.detach().clone(),
-                "pairs": pairs,
-                "seq": (logps.detach() * mask).sum(-1),
-                "ref_seq": (ref_logps * mask).sum(-1),
-                "beta": beta,
+                "rewards": step.rewards.detach().clone(),
+                "pairs": step.pairs,
+                # Summed here again: the test checks the loss against the log-probs.
+                "seq": (step.logps.detach() * mask).sum(-1),
+                "ref_seq": (step.ref_logps * mask).sum(-1),
+                "beta": step.beta,
             }
         )
-        super()._record_step(rollout, logps, ref_logps, rewards, contain_eos, pairs, beta)
+        super()._record_step(step)
 
 
 def make_trainer(demo_models: Any, dataset: Dataset, output_dir: Path, url: str, **kw: Any) -> Any:
@@ -234,7 +236,7 @@ def test_async_generation_same_data_one_step_stale(
             async_generation_backend=backend,
         )  # fmt: skip
         if mode:
-            assert trainer._async_backend == backend
+            assert trainer.async_rollouts.backend == backend
         trainer.train()
         runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
         assert trainer.state.global_step == steps
@@ -246,8 +248,9 @@ def test_async_generation_same_data_one_step_stale(
     # Step 1 is sampled from the same weights with the same seed: identical in both modes.
     assert torch.equal(asy.steps[0]["rewards"], sync.steps[0]["rewards"])
     assert async_records[0]["loss"] == pytest.approx(sync_records[0]["loss"], abs=1e-6)
-    assert not asy._pending and asy._rollout_pool._work_queue.empty()
-    assert asy._rollout_process is None  # closed with the run
+    # Closed with the run: nothing queued, no sampling thread, no rollout process.
+    queue = asy.async_rollouts
+    assert not queue._pending and queue._pool is None and queue.process is None
 
 
 def test_async_process_backend_samples_in_another_process(
@@ -286,14 +289,14 @@ def test_async_process_death_is_a_clear_error(
     class Killer(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == 2:
-                os.kill(trainer._rollout_process._process.pid, signal.SIGKILL)
+                os.kill(trainer.async_rollouts.process.pid, signal.SIGKILL)
 
     trainer.add_callback(Killer())
     with pytest.raises(RuntimeError, match="rollout process exited with code -9"):
         trainer.train()
     # Step 3's rollout may have been sampled before the kill; nothing after it is trained.
     assert trainer.state.global_step in (2, 3)
-    assert trainer._rollout_process is None
+    assert trainer.async_rollouts.process is None
 
 
 UNGUARDED_SCRIPT = """
@@ -345,12 +348,12 @@ def test_async_process_backend_in_a_script_without_main_guard_and_own_policy_cla
 KILLED_TRAINER_SCRIPT = """
 import os, signal, sys
 from transformers import AutoModelForCausalLM, GenerationConfig
+from trainer.generation import Sampling
 from trainer.rollout_process import RolloutProcess
 
-rollout = RolloutProcess(
-    AutoModelForCausalLM.from_pretrained(sys.argv[1]), GenerationConfig(max_new_tokens=2), [2], 0
-)
-print(rollout._process.pid, flush=True)
+policy = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+rollout = RolloutProcess(policy, Sampling(GenerationConfig(max_new_tokens=2), [2], 0))
+print(rollout.pid, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the trainer dies without cleaning up
 """
 
@@ -375,7 +378,7 @@ class RolloutPidSpy(TrainerCallback):
         self.trainer, self.pids = trainer, pids
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.pids.append(self.trainer._rollout_process._process.pid)
+        self.pids.append(self.trainer.async_rollouts.process.pid)
 
 
 # ----------------------------------------------------------------------------- K samples

@@ -32,9 +32,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from tests.support import tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
+from trainer.checkpoint import STAGING_DIR
 from trainer.config import OnlineDPOConfig
 from trainer.service_process import ServiceProcess
-from trainer.trainer import STAGING_DIR, OnlineDPOTrainer
+from trainer.trainer import OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6

@@ -543,9 +543,14 @@ def test_every_route_but_health_ready_metrics_needs_the_key(
     routes = _app_routes()
     paths = {path for _, path in routes}
     assert {"/score", "/get_reward", "/info", "/docs", "/openapi.json"} <= paths
+    assert {"/classify", "/pooling", "/predict", "/v1/models"} <= paths
     assert {"/health", "/ready", "/metrics"} == PUBLIC_ROUTES
     assert paths >= PUBLIC_ROUTES
-    bodies = {"/score": {"items": [{"text": "good"}]}, "/get_reward": {"query": ["good"]}}
+    bodies = {
+        "/score": {"items": [{"text": "good"}]}, "/get_reward": {"query": ["good"]},
+        "/classify": {"input": "good"}, "/pooling": {"input": "good"},
+        "/predict": {"inputs": "good"},
+    }  # fmt: skip
     bearer = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=url, timeout=30) as http:
         for method, path in routes:

@@ -13,25 +13,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common.demo_models import ensure_demo_models, generate_corpus
 from common.schemas import ErrorResponse, InfoResponse, ScoreResponse
 from reward_service.__main__ import _Server
-from reward_service.app import ServiceState, create_app
+from reward_service.app import SCORING_ROUTES, create_app, direct_endpoints
 from reward_service.metrics import ServiceMetrics
 from reward_service.runner import ProcessRunner
 from reward_service.scorer import Scorer
 from reward_service.settings import ServiceSettings
+from reward_service.state import ServiceState
 from tests.support import exited_within
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +66,11 @@ def serve(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
+def wait_ready(url: str, timeout: float = 60, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{url}/ready", timeout=2)
+            response = httpx.get(f"{url}/ready", timeout=2, headers=headers)
             if response.status_code == 200:
                 return
             assert response.json()["error"]["type"] == "loading", response.text
@@ -247,8 +249,7 @@ def test_get_reward_is_openrlhf_compatible(client: httpx.Client, ref: Reference)
     response = client.post("/get_reward", json={"query": queries})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"rewards", "scores"}
-    assert body["rewards"] == body["scores"]
+    assert body == {"rewards": body["rewards"], "scores": body["rewards"], "extra_logs": {}}
     assert body["rewards"] == pytest.approx([ref.score(q) for q in queries], abs=1e-5)
 
 
@@ -426,7 +427,12 @@ def test_malformed_score_bodies(
 
 @pytest.mark.parametrize(
     ("body", "fragments"),
-    [({"query": "abc"}, ["query"]), ({"query": []}, ["query"]), ({"query": [1]}, ["query[0]"])],
+    [
+        ({"query": "abc"}, ["query"]),
+        ({"query": [1]}, ["query[0]"]),
+        ({"query": ["a", "b"], "prompts": ["p"]}, ["prompts:", "1 entries for 2 queries"]),
+        ({"query": ["a"], "labels": []}, ["labels:", "0 entries for 1 queries"]),
+    ],
 )
 def test_malformed_get_reward_bodies(
     client: httpx.Client, body: object, fragments: list[str]
@@ -464,6 +470,32 @@ def test_raw_body_errors(client: httpx.Client) -> None:
         )
     assert_error(client.get("/score"), 405, "method_not_allowed")
     assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_a_client_that_hangs_up_is_counted_not_logged_as_an_error(
+    service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="reward_service")
+    before = metric(service, 'reward_client_disconnects_total{route="/score"}')
+    port = int(service.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # half a body, then gone
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"items": [{"text": "the pl'
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while metric(service, 'reward_client_disconnects_total{route="/score"}') == before:
+        assert time.monotonic() < deadline, "the hang-up was never counted"
+        time.sleep(0.05)
+    assert metric(service, 'reward_requests_total{route="/score",status="499"}') >= 1
+    assert metric(service, 'reward_errors_total{type="internal_error"}') == 0
+    records = [r for r in caplog.records if r.name.startswith("reward_service")]
+    assert not [r for r in records if r.levelno >= logging.WARNING], caplog.text
+    assert any(
+        r.levelno == logging.INFO and "client went away" in r.getMessage() for r in records
+    ), caplog.text
+    assert httpx.post(f"{service}/score", json={"items": [{"text": "a"}]}).status_code == 200
 
 
 def test_huge_text_under_the_body_limit_is_truncated_not_rejected(client: httpx.Client) -> None:
@@ -513,6 +545,65 @@ def test_api_key_guards_scoring_routes_and_info(
     assert API_KEY not in repr(settings)
 
 
+# ----------------------------------------------------------------------------- extending the app
+def test_middleware_and_dependencies_added_the_fastapi_way_apply_to_score(
+    reward_path: Path, ref: Reference
+) -> None:
+    """``app.add_middleware`` (here through ``@app.middleware("http")``) wraps the scoring POSTs
+    too, which stay on the direct dispatch; a dependency given as ``dependencies=`` applies to
+    them as to any route (FastAPI's router then serves them) and its errors use the envelope."""
+    checked: list[str] = []
+
+    def require_tenant(request: Request, x_tenant: str = Header()) -> None:
+        if x_tenant != "acme":
+            raise HTTPException(403, f"unknown tenant {x_tenant!r}")
+        checked.append(request.url.path)
+
+    def with_middleware(app: FastAPI) -> list[str]:
+        seen: list[str] = []
+
+        @app.middleware("http")
+        async def tag(request: Request, call_next: Callable[..., Any]) -> Any:
+            seen.append(f"{request.method} {request.url.path}")
+            response = await call_next(request)
+            response.headers["X-Tagged"] = "yes"
+            return response
+
+        return seen
+
+    settings = ServiceSettings(model=str(reward_path), api_key=API_KEY)
+    key = {"X-API-Key": API_KEY}
+    body = {"items": [{"text": "the movie was great ."}]}
+    expected = ref.score("the movie was great .")
+    plain = create_app(settings)
+    guarded = create_app(settings, dependencies=[Depends(require_tenant)])
+    assert set(direct_endpoints(plain.routes, SCORING_ROUTES)) == {
+        "/score", "/get_reward", "/classify", "/pooling", "/predict",
+    }  # fmt: skip
+    assert direct_endpoints(guarded.routes, SCORING_ROUTES) == {}  # the router solves them
+    for app in (plain, guarded):
+        seen = with_middleware(app)
+        tenant = {"X-Tenant": "acme"} if app is guarded else {}
+        with serve(app) as url, httpx.Client(base_url=url, headers=key) as c:
+            wait_ready(url, headers=tenant)  # an app's dependencies apply to /ready too
+            response = c.post("/score", json=body, headers=tenant)
+            assert response.status_code == 200, response.text
+            assert response.headers["x-tagged"] == "yes"
+            assert response.json()["scores"] == pytest.approx([expected], abs=1e-5)
+            assert "POST /score" in seen
+            # Outside the key check: the middleware sees (and tags) a refused request too.
+            refused = c.post("/score", json=body, headers={"X-API-Key": "wrong", **tenant})
+            assert_error(refused, 401, "unauthorized")
+            assert refused.headers["x-tagged"] == "yes"
+            if app is guarded:
+                assert checked.count("/score") == 1
+                assert_error(c.post("/score", json=body), 422, "validation_error", "x-tenant")
+                wrong = c.post("/get_reward", json={"query": ["a"]}, headers={"X-Tenant": "x"})
+                assert_error(wrong, 403, "forbidden", "unknown tenant 'x'")
+                assert c.get("/info", headers=tenant).status_code == 200
+                assert_error(c.get("/info"), 422, "validation_error", "x-tenant")
+
+
 # ----------------------------------------------------------------------------- lifecycle
 def test_ready_is_503_until_loaded_and_warmed_up(reward_path: Path) -> None:
     gate = threading.Event()
@@ -548,8 +639,8 @@ def test_a_dead_model_process_turns_health_ready_and_scoring_to_503(reward_path:
         wait_ready(url)
         assert c.post("/score", json={"items": [{"text": "a"}]}).status_code == 200
         runner = app.state.service.scorer.runner
-        assert isinstance(runner, ProcessRunner) and runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        assert isinstance(runner, ProcessRunner)
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         response = c.post("/score", json={"items": [{"text": "a"}]})
         assert_error(response, 503, "model_process_exited", "exit code -9", "restart")
         for path in ("/health", "/ready"):
@@ -658,6 +749,9 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
         (["--model", "m", "--truncation-side", "middle"], "truncation-side"),
         (["--model", "./missing-dir"], "no such directory: './missing-dir'"),
         (["--model", "m", "--parent-pid", "0"], "--parent-pid"),
+        (["--model", "m", "--dtype", "float64"], "--dtype"),
+        (["--model", "m", "--device-map", "balanced"], "--device-map"),
+        (["--model", "m", "--device", "cpu", "--device-map", "auto"], "give one of them"),
     ],
 )
 def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) -> None:
@@ -665,6 +759,126 @@ def test_cli_rejects_bad_settings_naming_them(args: list[str], fragment: str) ->
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert fragment in out
+
+
+CUSTOM_MODELING = '''
+"""A reward model class transformers does not know: only trust_remote_code loads it."""
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class MeanPoolRMConfig(PretrainedConfig):
+    model_type = "mean-pool-rm-test"
+
+    def __init__(self, vocab_size=2048, hidden_size=16, max_position_embeddings=128, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.max_position_embeddings = max_position_embeddings
+        super().__init__(**kwargs)
+
+
+class MeanPoolRMForSequenceClassification(PreTrainedModel):
+    config_class = MeanPoolRMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        return SequenceClassifierOutput(logits=self.score(pooled))
+'''
+
+
+@pytest.fixture(scope="module")
+def custom_code_model(reward_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint whose class lives in its own modeling file, named by ``auto_map``."""
+    import importlib.util
+
+    out = tmp_path_factory.mktemp("custom-code-rm")
+    (out / "modeling_mean_pool_rm.py").write_text(CUSTOM_MODELING)
+    spec = importlib.util.spec_from_file_location(
+        "modeling_mean_pool_rm", out / "modeling_mean_pool_rm.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(reward_path)
+    config = module.MeanPoolRMConfig(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config.auto_map = {
+        "AutoConfig": "modeling_mean_pool_rm.MeanPoolRMConfig",
+        "AutoModelForSequenceClassification": (
+            "modeling_mean_pool_rm.MeanPoolRMForSequenceClassification"
+        ),
+    }
+    torch.manual_seed(0)
+    module.MeanPoolRMForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_trust_remote_code_loads_a_custom_class_and_is_required_for_it(
+    custom_code_model: Path,
+) -> None:
+    proc = _cli("--model", str(custom_code_model))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reward-service: error: "), out
+    assert "--trust-remote-code" in lines[0] and "auto_map" in lines[0]
+
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    model = Auto.from_pretrained(custom_code_model, trust_remote_code=True).eval()
+    assert type(model).__name__ == "MeanPoolRMForSequenceClassification"
+    tokenizer = AutoTokenizer.from_pretrained(custom_code_model)
+    texts = ["the movie was great .", "a dull plot"]
+    with torch.inference_mode():
+        expected = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli(
+        "--model", str(custom_code_model), "--port", str(port), "--trust-remote-code",
+        "--revision", "main", "--served-model-name", "custom-rm",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120)
+        info = InfoResponse.model_validate(httpx.get(f"{url}/info").json())
+        response = httpx.post(f"{url}/score", json={"items": [{"text": t} for t in texts]})
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert info.trust_remote_code and info.served_model_name == "custom-rm"
+    assert info.revision == "main"
+    assert response.status_code == 200, response.text
+    assert response.json()["scores"] == pytest.approx(expected, abs=1e-5)
+    assert "Traceback" not in out
+
+
+def test_loading_options_dtype_attention_and_device_map(reward_path: Path, ref: Reference) -> None:
+    text = "the movie was great ."
+    settings = ServiceSettings(
+        model=str(reward_path), dtype="bfloat16", attn_implementation="eager",
+        device_map="auto", forward_process=False,
+    )  # fmt: skip
+    with serve(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        wait_ready(url)
+        info = InfoResponse.model_validate(c.get("/info").json())
+        got = score(c, [{"text": text}]).scores[0]
+    assert (info.dtype, info.attn_implementation, info.device_map) == ("bfloat16", "eager", "auto")
+    assert info.device == "cpu" and info.served_model_name == reward_path.name
+    assert info.revision is None and not info.trust_remote_code
+    assert got == pytest.approx(ref.score(text), abs=0.05)  # bfloat16 weights
+    assert got != pytest.approx(ref.score(text), abs=1e-6)  # really not float32
 
 
 def test_cli_serves_with_env_settings_and_sigterm_drains_in_flight_requests(

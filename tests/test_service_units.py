@@ -193,6 +193,24 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     )  # fmt: skip
     assert settings.tokenizer is None and settings.host == "127.0.0.1"
     assert settings.api_key is not None and "hunter2" not in repr(settings)
+    assert settings.served_model_name == "rm"  # the last part of the model path
+    assert (settings.revision, settings.trust_remote_code, settings.device_map) == (
+        None, False, None,
+    )  # fmt: skip
+    loading = {
+        "REWARD_SERVED_MODEL_NAME": "my-rm", "REWARD_REVISION": "v2",
+        "REWARD_TRUST_REMOTE_CODE": "true", "REWARD_DTYPE": "bfloat16",
+        "REWARD_ATTN_IMPLEMENTATION": "sdpa", "REWARD_DEVICE_MAP": "auto",
+    }  # fmt: skip
+    for name, value in loading.items():
+        monkeypatch.setenv(name, value)
+    settings = ServiceSettings()
+    assert (
+        settings.served_model_name, settings.revision, settings.trust_remote_code,
+        settings.dtype, settings.attn_implementation, settings.device_map,
+    ) == ("my-rm", "v2", True, "bfloat16", "sdpa", "auto")  # fmt: skip
+    for name in loading:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("REWARD_TRUNCATION_SIDE", "middle")
     with pytest.raises(ValidationError, match="truncation_side"):
         ServiceSettings()
@@ -255,8 +273,7 @@ def test_model_process_scores_like_the_model_in_process_and_reports_its_exit(
         with pytest.raises(IndexError):
             runner.forward([[10**6]])  # fault injection: a token id outside the vocabulary
         assert torch.equal(runner.forward(ids[:1]), scorer.forward(ids[:1]))
-        assert runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         with pytest.raises(ModelProcessExited, match="exit code -9"):
             runner.forward(ids)
         assert runner.failure() == "the model process exited (exit code -9)"
@@ -288,8 +305,7 @@ def test_batching_loop_in_the_model_process_scores_and_reports_its_exit(
             with pytest.raises(IndexError):
                 await batcher.score([[10**6]])  # fault injection: an id outside the vocabulary
         assert metrics.batches._value.get() < 2 * len(requests)  # requests shared passes
-        assert runner.pid is not None
-        os.kill(runner.pid, signal.SIGKILL)  # fault injection: the model process dies
+        os.kill(runner._process.pid, signal.SIGKILL)  # fault injection: the model process dies
         for _ in range(2):
             with pytest.raises(ModelProcessExited, match="exit code -9"):
                 await batcher.score(requests[0])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -439,7 +441,7 @@ def test_generation_keeps_the_kv_cache_under_gradient_checkpointing(
     finally:
         handle.remove()
     assert model.is_gradient_checkpointing  # what makes TRL drop the cache
-    assert trainer.generation_config.use_cache is True
+    assert trainer.sampling.generation_config.use_cache is True
     # Decoding steps feed one new token on top of the cached prompt + earlier tokens.
     decoding = [c for c in calls if c[0] == 1 and c[1] > 0]
     assert len(decoding) >= WIDTH - 2, calls
@@ -624,7 +626,7 @@ def test_padding_free_stays_off_for_a_model_that_ignores_the_packed_mask(
     demo_models: DemoModels, service: str, tmp_path: Path, packing_mask_ignored: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    with caplog.at_level("WARNING", logger="trainer.trainer"):
+    with caplog.at_level("WARNING", logger="trainer.logprobs"):
         trainer = make_trainer(demo_models, config(tmp_path, service))
     assert not trainer.padding_free
     assert "padding_free off" in caplog.text and "does not keep packed" in caplog.text
@@ -712,6 +714,9 @@ def test_failed_reward_requests_raise_instead_of_scoring_zero(
     assert stub.score_requests == {"down": 0, 503: 2, 422: 1}[fault]  # 1 retry; 4xx: none
     assert trainer.state.global_step == 0
     assert not [r for r in trainer.state.log_history if "objective/scores" in r]
+    # The failed run closed the reward client: nothing more is sent.
+    with pytest.raises(RuntimeError, match="shutdown"):
+        trainer.scorer.submit([{"prompt": "a", "completion": "b"}])
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -922,6 +927,28 @@ def test_bad_config_values_name_the_field(
         config(tmp_path, url, **overrides)
 
 
+def test_model_init_kwargs_with_a_model_object_are_refused(
+    demo_models: DemoModels, tmp_path: Path
+) -> None:
+    """As in TRL: the kwargs apply to a model loaded by name, so with a model object they
+    would silently do nothing."""
+    args = config(tmp_path, "http://127.0.0.1:1", model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="model_init_kwargs apply only when model is a name"):
+        make_trainer(demo_models, args)
+
+
+def test_model_init_kwargs_reach_from_pretrained(demo_models: DemoModels, tmp_path: Path) -> None:
+    from trainer.models import load_causal_lm
+
+    kwargs = {"dtype": "bfloat16", "attn_implementation": "eager"}
+    args = config(tmp_path, None, model_init_kwargs=kwargs)
+    model = load_causal_lm(str(demo_models.policy), args, "model")
+    assert model.dtype == torch.bfloat16
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match=r"model '/no/such/model': cannot load the model"):
+        load_causal_lm("/no/such/model", config(tmp_path, None), "model")
+
+
 def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reward_url"):
         OnlineDPOTrainer("unused/path", args=config(tmp_path, None), processing_class=object(),
@@ -931,38 +958,32 @@ def test_trainer_without_reward_url_is_refused(tmp_path: Path) -> None:
 def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` picks the rollout process only for CPU training on Linux without sharded
     weights; asking for the process elsewhere is refused at construction, naming the field."""
-    from types import SimpleNamespace
-
     from accelerate.utils import DistributedType
 
-    from trainer.trainer import resolve_async_backend
+    from trainer.rollouts import resolve_async_backend
 
-    def args(device: str, backend: str) -> Any:
-        return SimpleNamespace(
-            device=torch.device(device), async_generation_backend=backend, async_generation=True
-        )
-
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "process"
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.MULTI_CPU) == "process"
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.FSDP) == "thread"
-    assert resolve_async_backend(args("cuda", "auto"), DistributedType.NO) == "thread"
-    assert resolve_async_backend(args("cuda", "thread"), DistributedType.NO) == "thread"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_async_backend("auto", cpu, DistributedType.NO) == "process"
+    assert resolve_async_backend("auto", cpu, DistributedType.MULTI_CPU) == "process"
+    assert resolve_async_backend("auto", cpu, DistributedType.FSDP) == "thread"
+    assert resolve_async_backend("auto", cuda, DistributedType.NO) == "thread"
+    assert resolve_async_backend("thread", cuda, DistributedType.NO) == "thread"
     with pytest.raises(ValueError, match="async_generation_backend='process'"):
-        resolve_async_backend(args("cuda", "process"), DistributedType.NO)
+        resolve_async_backend("process", cuda, DistributedType.NO)
     with pytest.raises(ValueError, match="async_generation_backend='process'"):
-        resolve_async_backend(args("cpu", "process"), DistributedType.DEEPSPEED)
+        resolve_async_backend("process", cpu, DistributedType.DEEPSPEED)
     monkeypatch.setattr(sys, "platform", "darwin")  # no safe fork: no rollout process
-    assert resolve_async_backend(args("cpu", "auto"), DistributedType.NO) == "thread"
+    assert resolve_async_backend("auto", cpu, DistributedType.NO) == "thread"
     with pytest.raises(ValueError, match="darwin"):
-        resolve_async_backend(args("cpu", "process"), DistributedType.NO)
+        resolve_async_backend("process", cpu, DistributedType.NO)
 
 
 def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     """A queued rollout is cancelled; one already being sampled is waited for: with the
     process backend it reads a weight slot that the next publish would overwrite."""
-    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
+
+    from trainer.rollouts import AsyncRollouts
 
     started, release = threading.Event(), threading.Event()
 
@@ -974,9 +995,73 @@ def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         running, queued = pool.submit(sample), pool.submit(sample)
         assert started.wait(5)
-        trainer = SimpleNamespace(_pending=deque([([], running), ([], queued)]), _lookahead=None)
+        rollouts = AsyncRollouts("thread", None, 2, None)  # type: ignore[arg-type]
+        rollouts._pending.extend([([], running), ([], queued)])  # type: ignore[list-item]
         threading.Timer(0.3, release.set).start()
-        OnlineDPOTrainer._cancel_pending(trainer)  # type: ignore[arg-type]
+        rollouts.cancel()
         assert running.done() and running.result() == "rollout"
         assert queued.cancelled()
-        assert not trainer._pending
+        assert rollouts.take([]) is None  # nothing left to take
+
+
+# ----------------------------------------------------------------------------- API surface
+
+# The Trainer methods this trainer overrides, with their parameters in transformers 5.x. The
+# private ones carry no stability promise (hence transformers < 6 in pyproject.toml).
+OVERRIDDEN = {
+    "_save_checkpoint": ["self", "model", "trial"],
+    "_get_output_dir": ["self", "trial"],
+    "_push_from_checkpoint": ["self", "checkpoint_folder"],
+    "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+    "training_step": ["self", "model", "inputs", "num_items_in_batch"],
+    "get_batch_samples": ["self", "epoch_iterator", "num_batches", "device"],
+    "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
+    "log": ["self", "logs", "start_time"],
+    "evaluate": ["self", "eval_dataset", "ignore_keys", "metric_key_prefix"],
+}
+
+
+def test_trainer_methods_we_override_keep_their_shape() -> None:
+    """Fails loudly when a transformers release changes a ``Trainer`` method this trainer
+    overrides or relies on: its parameters, how ``_save_checkpoint`` finds its folder and
+    pushes (the atomic save redirects both), how ``training_step`` hands its inputs to
+    ``compute_loss`` (the rollout rides in them), and the loss-scaling switch."""
+    import inspect
+
+    from transformers import Trainer
+
+    overridden = {
+        name
+        for cls in OnlineDPOTrainer.__mro__
+        if cls is not Trainer and issubclass(cls, Trainer)
+        for name, value in vars(cls).items()
+        if callable(value) and hasattr(Trainer, name) and name != "__init__"
+    }
+    assert overridden == set(OVERRIDDEN), "list a new override here, with its parameters"
+    for name, parameters in OVERRIDDEN.items():
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters, name
+    save = inspect.getsource(Trainer._save_checkpoint)
+    assert "run_dir = self._get_output_dir(trial=trial)" in save
+    assert "self._push_from_checkpoint(output_dir)" in save
+    step = inspect.getsource(Trainer.training_step)
+    assert "inputs = self._prepare_inputs(inputs)" in step
+    assert "self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)" in step
+    assert "if self.loss_is_scaled_for_ga is not None:" in step
+
+
+def test_package_exports_the_trainer_and_imports_cheaply() -> None:
+    """``from trainer import OnlineDPOTrainer, OnlineDPOConfig`` works, and ``import trainer``
+    alone loads neither torch nor transformers (the CLI parses its flags first)."""
+    code = (
+        "import sys, trainer\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from trainer import OnlineDPOConfig, OnlineDPOTrainer\n"
+        "from trainer.trainer import OnlineDPOTrainer as T\n"
+        "assert OnlineDPOTrainer is T and OnlineDPOConfig.__name__ == 'OnlineDPOConfig'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]

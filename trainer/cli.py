@@ -177,23 +177,6 @@ def _peft_config(model_args: ModelArguments) -> Any:
     )
 
 
-def _load_model(
-    name: str, model_args: ModelArguments, field_name: str, trust_remote_code: bool
-) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=model_args.model_revision,
-            dtype=model_args.dtype,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CliError(f"{field_name} {name!r}: cannot load the model: {first_line}") from e
-
-
 def run_train(argv: Sequence[str]) -> int:
     """``online-dpo train``: build the trainer from the parsed config, train, save, evaluate."""
     # Parse first: a bad value fails in a second, before the heavy imports.
@@ -202,6 +185,7 @@ def run_train(argv: Sequence[str]) -> int:
     from transformers import AutoTokenizer
     from transformers.trainer_utils import IntervalStrategy
 
+    from common.client import RewardServiceError
     from trainer.callbacks import MetricsJsonlCallback, RewardCurveCallback
     from trainer.data import load_prompt_dataset
     from trainer.trainer import OnlineDPOTrainer
@@ -222,27 +206,33 @@ def run_train(argv: Sequence[str]) -> int:
         )
     except ValueError as e:
         raise CliError(f"dataset_name: {e}") from e
-    # TRL keeps trust_remote_code on the training config; honour it when the config has it.
-    remote = bool(getattr(training_args, "trust_remote_code", False))
-    model = _load_model(model_args.model_name_or_path, model_args, "model_name_or_path", remote)
-    ref_model = (
-        _load_model(model_args.ref_model_name_or_path, model_args, "ref_model_name_or_path", remote)
-        if model_args.ref_model_name_or_path
-        else None
-    )
+    # The models are loaded by the trainer, by name, with ModelArguments' revision and dtype
+    # unless model_init_kwargs sets them.
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
     # Prompts are left-padded for generation, as TRL's scripts set it.
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=remote,
-        padding_side="left",
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=training_args.model_init_kwargs["revision"],
+            trust_remote_code=training_args.trust_remote_code,
+            padding_side="left",
+        )
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CliError(
+            f"model_name_or_path {model_args.model_name_or_path!r}: cannot load the tokenizer: "
+            f"{reason}"
+        ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
         trainer = OnlineDPOTrainer(
-            model=model,
-            ref_model=ref_model,
+            model=model_args.model_name_or_path,
+            ref_model=model_args.ref_model_name_or_path,
             args=training_args,
             processing_class=tokenizer,
             train_dataset=train_dataset,
@@ -252,17 +242,21 @@ def run_train(argv: Sequence[str]) -> int:
         )
     except ValueError as e:
         raise CliError(str(e)) from e
+    except RewardServiceError as e:  # checked at start: not reachable, wrong key, ...
+        raise CliError(f"reward_url: {e}") from e
     resume = training_args.resume_from_checkpoint
-    # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True) does.
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
-    trainer.save_model(training_args.output_dir)
-    # Trainer has already evaluated the final weights when eval_steps divides the run's length.
-    step = trainer.state.global_step
-    evaluated = any(
-        "eval_reward_mean" in log and log.get("step") == step for log in trainer.state.log_history
-    )
-    if evaluating and not evaluated:
-        trainer.evaluate()
+    with trainer:
+        # "true"/"last" resume from the newest checkpoint in output_dir, as Trainer.train(True).
+        trainer.train(resume_from_checkpoint=True if resume in ("true", "last") else resume)
+        trainer.save_model(training_args.output_dir)
+        # Trainer has already evaluated the final weights when eval_steps divides the run.
+        step = trainer.state.global_step
+        evaluated = any(
+            "eval_reward_mean" in log and log.get("step") == step
+            for log in trainer.state.log_history
+        )
+        if evaluating and not evaluated:
+            trainer.evaluate()
     return 0
 
 

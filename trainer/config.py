@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -88,6 +89,13 @@ class OnlineDPOConfig(TrainingArguments):
         reward_max_retries (`int`, defaults to `12`):
             Retries of a request on connection errors, 429 and 5xx (with exponential backoff
             and jitter, about 80 s in all, enough for a redeploy). 4xx answers fail at once.
+        model_init_kwargs (`dict`, *optional*):
+            Keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a policy or
+            reference given by name or path, e.g. ``{"dtype": "bfloat16", "attn_implementation":
+            "sdpa", "revision": "main"}``. A JSON string on the command line. Refused with a
+            model object (it would not apply).
+        trust_remote_code (`bool`, defaults to `False`):
+            Allow a model given by name or path to run the Python code it ships (``auto_map``).
     """
 
     learning_rate: float = field(
@@ -168,6 +176,17 @@ class OnlineDPOConfig(TrainingArguments):
         default=DEFAULT_MAX_RETRIES,
         metadata={"help": "Retries on connection errors, 429 and 5xx."},
     )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "from_pretrained keyword arguments for a policy/reference given by name, "
+            'as JSON, e.g. \'{"dtype": "bfloat16", "attn_implementation": "sdpa"}\'.'
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a model given by name to run the code it ships (auto_map)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, int | float):
@@ -180,6 +199,13 @@ class OnlineDPOConfig(TrainingArguments):
                 raise ValueError(f"reward_url: {e}") from e
         if self.reward_api_key is None:
             self.reward_api_key = os.environ.get(API_KEY_ENV) or None
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r} ({e})"
+                ) from e
         self._validate()
         super().__post_init__()
         if len(self.beta) == 1:
@@ -225,6 +251,11 @@ class OnlineDPOConfig(TrainingArguments):
         )
         require(self.reward_timeout > 0, "reward_timeout", "> 0")
         require(self.reward_max_retries >= 0, "reward_max_retries", ">= 0")
+        require(
+            self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict),
+            "model_init_kwargs",
+            "a mapping of from_pretrained arguments",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """As ``TrainingArguments.to_dict``, with the API key redacted (logs, ``report_to``)."""

@@ -1,16 +1,15 @@
 """``online-dpo demo``: the built-in tiny policy learns from a reward service over HTTP.
 
 Builds (or loads from the cache) the demo models, starts the reward service as a real
-subprocess on a free loopback port, measures the policy on held-out prompts, trains it with
-:class:`~trainer.trainer.OnlineDPOTrainer` for a few minutes on CPU, measures again and prints
-a before/after table. ``--output-dir`` keeps ``metrics.jsonl``, ``reward_curve.png`` and
-``demo_summary.json``.
+subprocess on a free loopback port, measures the policy on held-out prompts (judged as the
+trainer's evaluation judges them), trains it with :class:`~trainer.trainer.OnlineDPOTrainer`
+for a few minutes on CPU, measures again and prints a before/after table. ``--output-dir``
+keeps ``metrics.jsonl``, ``reward_curve.png`` and ``demo_summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -33,13 +32,13 @@ from transformers import (
     TrainingArguments,
 )
 
-from common.client import RewardClient
 from common.demo_models import ensure_demo_models, true_score
 from trainer.callbacks import CURVE_FILE, METRICS_FILE, MetricsJsonlCallback, RewardCurveCallback
 from trainer.data import load_prompt_dataset
-from trainer.logprobs import completion_token_logps, masked_sum, truncate_after_eos
-from trainer.scoring import score_items
 from trainer.service_process import running_service
+
+if TYPE_CHECKING:
+    from trainer.trainer import OnlineDPOTrainer
 
 SUMMARY_FILE = "demo_summary.json"
 
@@ -91,64 +90,30 @@ class DemoResult:
     eval_metrics: dict[str, float]
 
 
-def measure(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    url: str,
-    opts: DemoOptions,
-) -> Snapshot:
-    """Sample ``opts.eval_samples`` completions per prompt; score them; estimate KL(policy‖ref).
+def measure(trainer: OnlineDPOTrainer, prompts: list[str], opts: DemoOptions) -> Snapshot:
+    """Sample ``opts.eval_samples`` completions per held-out prompt and judge them as the
+    trainer's evaluation does (the same sampling noise each time); add their true score.
 
     The KL estimate is the mean over samples of log π(y|x) − log π_ref(y|x), as TRL's
-    ``objective/kl``, with padding after EOS masked out.
+    ``objective/kl``, with padding after EOS left out.
     """
-    policy.eval()
-    repeated = [p for p in prompts for _ in range(opts.eval_samples)]
-    batch = tokenizer(repeated, padding=True, add_special_tokens=False, return_tensors="pt")
-    torch.manual_seed(opts.seed)  # the same sampling noise before and after training
-    with torch.no_grad():
-        out = policy.generate(
-            **batch,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=opts.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    prompt_len = batch["input_ids"].shape[1]
-    completion_ids, completion_mask = truncate_after_eos(
-        out[:, prompt_len:], [tokenizer.eos_token_id], tokenizer.pad_token_id
-    )
-    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        kl = masked_sum(
-            completion_token_logps(
-                policy, prompt_ids, prompt_mask, completion_ids, completion_mask, out.shape[1]
-            )
-            - completion_token_logps(
-                reference, prompt_ids, prompt_mask, completion_ids, completion_mask, out.shape[1]
-            ),
-            completion_mask,
-        )
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    with RewardClient(url, timeout=60) as client:
-        rewards = client.score(score_items(repeated, completions)).scores
-    has_eos = (completion_ids == tokenizer.eos_token_id).any(-1)
+    k = opts.eval_samples
+    with trainer.evaluation_noise():
+        judged = trainer.judge(prompts, num_samples=k, against_reference=False)
+    # Block layout (sample j of prompt i at j·B + i) to prompt by prompt, for the table.
+    order = [j * len(prompts) + i for i in range(len(prompts)) for j in range(k)]
+    rewards = judged.rewards.tolist()
     samples = [
-        {"prompt": p, "completion": c, "reward": r}
-        for p, c, r in zip(repeated, completions, rewards, strict=True)
+        {"prompt": judged.prompts[i], "completion": judged.completions[i], "reward": rewards[i]}
+        for i in order
     ]
     return Snapshot(
         reward_mean=statistics.fmean(rewards),
         true_score_mean=statistics.fmean(
-            true_score(p + c) for p, c in zip(repeated, completions, strict=True)
+            true_score(s["prompt"] + s["completion"]) for s in samples
         ),
-        kl_mean=kl.mean().item(),
-        eos_fraction=has_eos.float().mean().item(),
+        kl_mean=judged.kl.mean().item(),
+        eos_fraction=judged.contain_eos.mean().item(),
         samples=samples,
     )
 
@@ -180,7 +145,7 @@ class _Progress(TrainerCallback):
             )
 
 
-def _train(
+def _trainer(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     train_prompts: Any,
@@ -189,7 +154,7 @@ def _train(
     run_dir: Path,
     opts: DemoOptions,
     write: Callable[[str], None],
-) -> dict[str, float]:
+) -> OnlineDPOTrainer:
     from trainer.config import OnlineDPOConfig
     from trainer.trainer import OnlineDPOTrainer
 
@@ -222,8 +187,7 @@ def _train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # _Progress prints instead
-    trainer.train()
-    return trainer.evaluate()
+    return trainer
 
 
 def run_demo(opts: DemoOptions, write: Callable[[str], None] = print) -> DemoResult:
@@ -235,25 +199,29 @@ def run_demo(opts: DemoOptions, write: Callable[[str], None] = print) -> DemoRes
     write(f"      {models.root}")
     tokenizer = AutoTokenizer.from_pretrained(models.policy, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(models.policy, dtype=torch.float32)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
     train_prompts = load_prompt_dataset(models.train_prompts)
     eval_prompts = load_prompt_dataset(models.eval_prompts)
     held_out = list(eval_prompts["prompt"])
 
     write("[2/4] starting the reward service (a separate process) ...")
-    with running_service(models.reward, REWARD_LOG_LEVEL="warning") as url:
+    with (
+        running_service(models.reward, REWARD_LOG_LEVEL="warning") as url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         write(f"      {url}  model {models.reward.name}")
-        before = measure(policy, reference, tokenizer, held_out, url, opts)
-        write(f"[3/4] training {opts.max_steps} steps ({opts.batch_size} prompts x 2 samples) ...")
-        train_start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = opts.output_dir or Path(tmp)
-            eval_metrics = _train(
-                policy, tokenizer, train_prompts, eval_prompts, url, run_dir, opts, write
+        run_dir = opts.output_dir or Path(tmp)
+        args = (policy, tokenizer, train_prompts, eval_prompts, url, run_dir, opts, write)
+        with _trainer(*args) as trainer:
+            before = measure(trainer, held_out, opts)
+            write(
+                f"[3/4] training {opts.max_steps} steps ({opts.batch_size} prompts x 2 samples) ..."
             )
-        train_seconds = time.perf_counter() - train_start
-        write("[4/4] measuring on held-out prompts ...")
-        after = measure(policy, reference, tokenizer, held_out, url, opts)
+            train_start = time.perf_counter()
+            trainer.train()
+            eval_metrics = trainer.evaluate()
+            train_seconds = time.perf_counter() - train_start
+            write("[4/4] measuring on held-out prompts ...")
+            after = measure(trainer, held_out, opts)
     result = DemoResult(
         before=before,
         after=after,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,39 +94,62 @@ def unwrapped_for_generation(model: nn.Module, accelerator: Accelerator) -> Iter
         yield unwrapped
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are sampled: the generation settings and the tokens that end them
+    (every EOS the policy declares) or pad them."""
+
+    generation_config: GenerationConfig
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class Samples:
+    """``K`` completions per prompt in TRL's block layout (sample ``k`` of prompt ``i`` at row
+    ``k·B + i``), cut after the first EOS."""
+
+    prompt_ids: torch.Tensor  # [K·B, P], left-padded, each prompt repeated K times
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [K·B, T], padding after the first EOS
+    completion_mask: torch.Tensor
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    generation_config: GenerationConfig,
+    sampling: Sampling,
     num_samples: int,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_samples`` completions per prompt in TRL's block layout (sample ``k`` of prompt
-    ``i`` at row ``k·B + i``), cut after the first EOS.
-
-    Returns repeated prompt ids and mask, completion ids and completion mask.
-    """
-    prompt_ids = prompt_ids.repeat(num_samples, 1)
-    prompt_mask = prompt_mask.repeat(num_samples, 1)
+    seed: int | None = None,
+) -> Samples:
+    """``num_samples`` completions per prompt from ``model`` (on its device). With ``seed``,
+    the sampling noise is that seed's and the global RNG is left as it was."""
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device).repeat(num_samples, 1)
+    prompt_mask = prompt_mask.to(device).repeat(num_samples, 1)
+    seeded = nullcontext()
+    if seed is not None:
+        seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     was_training = model.training
     # Eval mode: models drop the KV cache in train mode under gradient checkpointing.
     model.eval()
     try:
         # inference_mode skips autograd's version counting: ~10 % faster sampling than
         # generate's own no_grad (measured with the demo policy on CPU).
-        with torch.inference_mode():
+        with seeded, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
             out = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
-                generation_config=generation_config,
+                generation_config=sampling.generation_config,
             )
     finally:
         model.train(was_training)
     # A clone outside inference mode is a normal tensor: the loss's forward pass may use it.
     completion_ids, completion_mask = truncate_after_eos(
-        out[:, prompt_ids.shape[1] :].clone(), eos_token_ids, pad_token_id
+        out[:, prompt_ids.shape[1] :].clone(), sampling.eos_token_ids, sampling.pad_token_id
     )
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask)

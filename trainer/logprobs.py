@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def truncate_after_eos(
@@ -234,6 +237,24 @@ def packing_is_exact(model: nn.Module) -> bool:
         and same(prompt_changed[[1, 3]], base[[1, 3]])
         and bool((prompt_changed[2] != base[2]).all())
     )
+
+
+def resolve_padding_free(model: nn.Module, wanted: bool | None, on_cpu: bool) -> bool:
+    """``padding_free`` for ``model``: ``None`` means on for CPU training; off (with a warning)
+    when the model does not honour the packed batch's attention mask, where ``True`` is
+    refused."""
+    if not (on_cpu if wanted is None else wanted):
+        return False
+    if packing_is_exact(model):
+        return True
+    problem = (
+        f"{type(model).__name__} with {attention_implementation(model)} attention does not "
+        "keep packed sequences apart (it ignores a custom attention mask)"
+    )
+    if wanted:
+        raise ValueError(f"padding_free=True: {problem}; set padding_free=False")
+    logger.warning("padding_free off: %s", problem)
+    return False
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -24,20 +24,23 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from transformers import GenerationConfig
 
-from trainer.generation import sample_completions
+from trainer.generation import Samples, Sampling, sample_completions
 
 START_TIMEOUT_S = 60.0
 
 
-@dataclass
+# Messages, trainer -> rollout process.
+
+
+@dataclass(frozen=True)
 class SampleRequest:
+    """Sample ``num_samples`` completions per prompt with the weights of ``version``."""
+
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     num_samples: int
@@ -45,61 +48,73 @@ class SampleRequest:
     seed: int
 
 
-@dataclass
-class SampleResult:
-    prompt_ids: torch.Tensor  # repeated K times, block layout
-    prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    generate_seconds: float
+@dataclass(frozen=True)
+class Stop:
+    """Exit the loop."""
 
 
-@dataclass
-class _Sampling:
-    """What the process needs besides the weights."""
+# Messages, rollout process -> trainer.
 
-    generation_config: GenerationConfig
-    eos_token_ids: list[int]
-    pad_token_id: int
-    num_threads: int
+
+@dataclass(frozen=True)
+class Ready:
+    """The process runs and waits for requests."""
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The answer to a :class:`SampleRequest`."""
+
+    samples: Samples
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request (or the start-up) raised; ``error`` is the traceback."""
+
+    error: str
+
+
+def split_threads(total: int) -> tuple[int, int]:
+    """``(rollout process, trainer)`` intra-op threads out of ``total``: half each (the
+    rollout process gets the smaller half of an odd count, at least one each)."""
+    rollout = max(1, total // 2)
+    return rollout, max(1, total - rollout)
 
 
 class RolloutProcess:
     """A forked process that samples completions with its copy of ``policy`` (weights
     published with :meth:`publish`). CPU only, on platforms with ``fork`` (Linux).
 
-    The two processes split the intra-op threads (``num_threads`` here, the rest stay with the
-    trainer until :meth:`close`): more threads than cores makes both wait on each other.
+    The two processes split the intra-op threads (:func:`split_threads`; the trainer gets its
+    own back at :meth:`close`): more threads than cores makes both wait on each other.
     """
 
-    def __init__(
-        self,
-        policy: nn.Module,
-        generation_config: GenerationConfig,
-        eos_token_ids: list[int],
-        pad_token_id: int,
-    ) -> None:
+    def __init__(self, policy: nn.Module, sampling: Sampling) -> None:
         state = policy.state_dict()
         self._slots = [
             {k: v.detach().clone().share_memory_() for k, v in state.items()} for _ in range(2)
         ]
         self._trainer_threads = torch.get_num_threads()
-        num_threads = max(1, self._trainer_threads // 2)
-        sampling = _Sampling(generation_config, eos_token_ids, pad_token_id, num_threads)
+        rollout_threads, trainer_threads = split_threads(self._trainer_threads)
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
         # The child's ``policy`` is its copy-on-write image of the trainer's: no copy here.
         self._process = ctx.Process(
-            target=_serve,
-            args=(child, self._conn, policy, self._slots, sampling),
+            target=_rollout_process_main,
+            args=(child, self._conn, policy, self._slots, sampling, rollout_threads),
             name="online-dpo-rollout",
             daemon=True,
         )
         self._lock = threading.Lock()
-        self._ready = False  # the first request waits for the process's "ready"
+        self._ready = False  # the first request waits for the process's Ready
         self._process.start()
         child.close()
-        torch.set_num_threads(max(1, self._trainer_threads - num_threads))
+        torch.set_num_threads(trainer_threads)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
         """Make ``state`` the weights of ``version`` (sampling requests name the version)."""
@@ -108,7 +123,7 @@ class RolloutProcess:
             for name, value in state.items():
                 slot[name].copy_(value)
 
-    def sample(self, request: SampleRequest) -> SampleResult:
+    def sample(self, request: SampleRequest) -> Samples:
         """Sample as requested; blocks (without the GIL) until the process answers."""
         with self._lock:
             self._wait_ready()
@@ -116,23 +131,30 @@ class RolloutProcess:
                 self._conn.send(request)
             except OSError as e:  # a dead process: broken pipe
                 raise self._died("sampling") from e
-            status, payload = self._receive(None, "sampling")
-        if status != "ok":
-            raise RuntimeError(f"rollout process failed:\n{payload}")
-        return payload
+            match self._reply(None, "sampling"):
+                case Sampled(samples):
+                    return samples
+                case Failed(error):
+                    raise RuntimeError(f"rollout process failed:\n{error}")
+                case other:
+                    raise RuntimeError(f"rollout process answered {other!r} to a sample request")
 
     def _wait_ready(self) -> None:
-        if not self._ready:
-            status, detail = self._receive(START_TIMEOUT_S, "start-up")
-            if status != "ready":
-                raise RuntimeError(f"rollout process failed to start:\n{detail}")
-            self._ready = True
+        if self._ready:
+            return
+        match self._reply(START_TIMEOUT_S, "start-up"):
+            case Ready():
+                self._ready = True
+            case Failed(error):
+                raise RuntimeError(f"rollout process failed to start:\n{error}")
+            case other:
+                raise RuntimeError(f"rollout process answered {other!r} at start-up")
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
             if self._process.is_alive():
                 with contextlib.suppress(OSError):  # it may die between the check and here
-                    self._conn.send(None)
+                    self._conn.send(Stop())
             self._process.join(timeout)
             if self._process.is_alive():
                 self._process.kill()
@@ -140,7 +162,8 @@ class RolloutProcess:
             self._conn.close()
         torch.set_num_threads(self._trainer_threads)
 
-    def _receive(self, timeout: float | None, what: str) -> tuple[str, Any]:
+    def _reply(self, timeout: float | None, what: str) -> Ready | Sampled | Failed:
+        """The process's next message (``timeout`` s at most, ``None``: as long as it lives)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._conn.poll(1.0):
@@ -159,46 +182,42 @@ class RolloutProcess:
         return RuntimeError(f"rollout process exited with code {code} during {what}")
 
 
-def _serve(
+def _rollout_process_main(
     conn: Connection,
     trainer_end: Connection,
     sampler: nn.Module,
     slots: list[dict[str, torch.Tensor]],
-    sampling: _Sampling,
+    sampling: Sampling,
+    num_threads: int,
 ) -> None:
-    """The process's loop: one request at a time until ``None`` or a closed pipe."""
+    """The rollout process: one request at a time until :class:`Stop` or a closed pipe."""
     # Before any torch op: the OpenMP pool inherited from the parent is not usable here.
-    torch.set_num_threads(sampling.num_threads)
+    torch.set_num_threads(num_threads)
     # The fork copied the trainer's end of the pipe too. Held open here, it would keep the pipe
     # open after the trainer dies (SIGKILL, OOM): this process would wait in recv() forever.
     trainer_end.close()
     sampler.eval().requires_grad_(False)
     loaded_version: int | None = None
-    conn.send(("ready", None))
+    conn.send(Ready())
     while True:
         try:
-            request = conn.recv()
+            message = conn.recv()
         except EOFError:
             return
-        if request is None:
-            return
-        try:
-            if request.version != loaded_version:
-                # The slot's shared tensors become the parameters (no copy): pages of the
-                # fork's own weights, written, would be private memory of this process.
-                sampler.load_state_dict(slots[request.version % 2], assign=True)
-                loaded_version = request.version
-            conn.send(("ok", _sample(sampler, request, sampling)))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
-
-
-@torch.no_grad()
-def _sample(sampler: nn.Module, request: SampleRequest, sampling: _Sampling) -> SampleResult:
-    torch.manual_seed(request.seed)
-    start = time.perf_counter()
-    sampled = sample_completions(
-        sampler, request.prompt_ids, request.prompt_mask, sampling.generation_config,
-        request.num_samples, sampling.eos_token_ids, sampling.pad_token_id,
-    )  # fmt: skip
-    return SampleResult(*sampled, generate_seconds=time.perf_counter() - start)
+        match message:
+            case Stop():
+                return
+            case SampleRequest() as request:
+                try:
+                    if request.version != loaded_version:
+                        # The slot's shared tensors become the parameters (no copy): pages of
+                        # the fork's own weights, written, would be private memory here.
+                        sampler.load_state_dict(slots[request.version % 2], assign=True)
+                        loaded_version = request.version
+                    samples = sample_completions(
+                        sampler, request.prompt_ids, request.prompt_mask, sampling,
+                        request.num_samples, seed=request.seed,
+                    )  # fmt: skip
+                    conn.send(Sampled(samples))
+                except Exception:
+                    conn.send(Failed(traceback.format_exc()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -15,6 +15,11 @@ from common.schemas import InfoResponse
 from trainer.generation import Prompt, is_conversational
 
 logger = logging.getLogger(__name__)
+
+# Requests in flight at once: a step sends one per micro-batch (and, in async mode, the next
+# step's while it trains; evaluation two per batch). A few are enough to overlap them; more
+# would only wait in the service's queue.
+MAX_CONCURRENT_REQUESTS = 4
 
 
 def score_items(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[dict[str, Any]]:
@@ -45,12 +50,13 @@ class RewardScorer:
         timeout: float,
         max_retries: int,
         on_event: EventHook | None = None,
-        client_factory: Callable[..., RewardClient] = RewardClient,
     ) -> None:
-        self.client = client_factory(
+        self.client = RewardClient(
             urls, api_key=api_key, timeout=timeout, max_retries=max_retries, on_event=on_event
         )
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
+        self._pool = ThreadPoolExecutor(
+            max_workers=MAX_CONCURRENT_REQUESTS, thread_name_prefix="reward"
+        )
         self.max_items = 1024
 
     def check(self) -> list[InfoResponse]:
@@ -77,14 +83,7 @@ class RewardScorer:
             raise ValueError(f"reward service returned non-finite scores for items {bad}")
         return torch.tensor(scores, dtype=torch.float32)
 
-    @property
-    def model_id(self) -> str | None:
-        return self.client.model_id
-
-    @property
-    def weights_hash(self) -> str | None:
-        return self.client.weights_hash
-
     def close(self) -> None:
+        """Stop sending (requests not yet started are dropped) and close the connections."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -1,0 +1,276 @@
+"""What a training step learns from, and the queue that prepares it a step ahead.
+
+A :class:`Rollout` is one batch of prompts with ``K`` sampled completions each and the
+rewards requested for them (still in flight when the rollout is made). In sync mode the step
+samples its rollout itself. In async mode :class:`AsyncRollouts` samples the next step's
+rollouts with this step's weights while this step trains ("Asynchronous RLHF", Noukhovitch
+et al. 2024), by a copy of the policy in a thread or by a forked
+:class:`~trainer.rollout_process.RolloutProcess`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+
+from trainer.generation import Prompt, Samples, Sampling, sample_completions
+from trainer.rollout_process import RolloutProcess, SampleRequest
+
+logger = logging.getLogger(__name__)
+
+# The next step's rollouts (sampled before a save), one file per rank, so that a resumed run
+# trains on what the uninterrupted run would have.
+ROLLOUTS_FILE = "async_rollouts-{rank}.pt"
+# Bumped when the saved fields change: a checkpoint of another layout is sampled anew.
+ROLLOUTS_FORMAT = 2
+
+
+@dataclass
+class Timings:
+    """Seconds the step spent on its rollout (logged as ``time/generate`` and
+    ``time/score_wait``)."""
+
+    generate: float = 0.0  # sampling it, or waiting for the rollout sampled ahead
+    score_wait: float = 0.0  # waiting for its rewards once the log-prob passes are done
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One batch's sampled completions and their rewards (requested, maybe not yet back)."""
+
+    prompts: list[Prompt]
+    prompt_ids: torch.Tensor  # [K·B, P], left-padded, block layout: sample k of prompt i at k·B + i
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [K·B, T], padding after the first EOS
+    completion_mask: torch.Tensor
+    completions: list[str]  # decoded, as sent to be scored
+    rewards: Future[torch.Tensor]  # [K·B] float32
+    policy_version: int  # global step of the weights that sampled it
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def num_samples(self) -> int:
+        return self.completion_ids.shape[0] // len(self.prompts)
+
+    def wait_for_rewards(self) -> torch.Tensor:
+        """The rewards (blocking until they are back); the wait goes into ``timings``."""
+        start = time.perf_counter()
+        rewards = self.rewards.result()
+        self.timings.score_wait = time.perf_counter() - start
+        return rewards
+
+
+Generate = Callable[[torch.Tensor, torch.Tensor], Samples]
+"""``generate(prompt_ids, prompt_mask)``: completions of the tokenized prompts."""
+MakeRollout = Callable[[list[Prompt], int, Generate], Rollout]
+"""``make(prompts, version, generate)``: tokenize, sample with ``generate``, request rewards."""
+
+
+def resolve_async_backend(
+    backend: str, device: torch.device, distributed_type: DistributedType
+) -> str:
+    """``backend`` (``async_generation_backend``) with ``auto`` resolved: the (forked)
+    rollout process on Linux CPU training without sharded weights, the thread otherwise."""
+    sharded = distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    usable = device.type == "cpu" and not sharded and sys.platform.startswith("linux")
+    if backend == "auto":
+        return "process" if usable else "thread"
+    if backend == "process" and not usable:
+        raise ValueError(
+            "async_generation_backend='process' needs CPU training on Linux without "
+            f"DeepSpeed/FSDP (device {device}, {distributed_type}, {sys.platform}); "
+            "use 'thread'"
+        )
+    return backend
+
+
+class AsyncRollouts:
+    """The rollouts of async mode: each step's are sampled during the step before, with its
+    weights (one step off-policy; the first step of an epoch samples its own).
+
+    :meth:`batches` (from ``Trainer.get_batch_samples``) fetches the next step's batches along
+    with this step's and queues their rollouts; :meth:`take` hands the step its rollout.
+    Sampling runs in one background thread, by a copy of the policy (``thread``) or by a
+    forked :class:`RolloutProcess` holding its own (``process``). The rollouts queued at a
+    checkpoint are saved with it (:meth:`save`), as no checkpoint holds their weights.
+    """
+
+    def __init__(
+        self, backend: str, sampling: Sampling, num_samples: int, make_rollout: MakeRollout
+    ) -> None:
+        self.backend = backend
+        self._sampling = sampling
+        self._num_samples = num_samples
+        self._make_rollout = make_rollout
+        self._pool: ThreadPoolExecutor | None = None
+        # (prompts, rollout) in the order the steps take them
+        self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
+        # the epoch iterator and the next step's batches already fetched from it
+        self._lookahead: tuple[Iterator[Any], list[Any]] | None = None
+        self._resumed: dict[str, Any] | None = None  # the rollouts of the checkpoint resumed
+        self._copy: nn.Module | None = None  # thread backend: the policy copy that samples
+        self._copy_version = -1
+        self.process: RolloutProcess | None = None  # process backend
+
+    def take(self, prompts: list[Prompt]) -> Rollout | None:
+        """The rollout queued for ``prompts`` (waited for), or ``None``: sample in place."""
+        if not self._pending:
+            return None
+        start = time.perf_counter()
+        expected, future = self._pending[0]
+        if expected != prompts:
+            logger.warning("async rollout queue out of step with the data; sampling in place")
+            self.cancel()
+            return None
+        self._pending.popleft()
+        rollout = future.result()
+        rollout.timings.generate = time.perf_counter() - start
+        return rollout
+
+    def batches(
+        self,
+        epoch_iterator: Iterator[Any],
+        fetch: Callable[[], list[Any]],
+        step: int,
+        last_step: bool,
+        policy: nn.Module,
+        seed: Callable[[int, int], int],
+    ) -> list[Any]:
+        """This step's batches (fetched a step ahead, or now with ``fetch``) and, unless it
+        is the ``last_step``, the next step's too: queue the rollouts of both that are not
+        queued yet, with ``policy``'s weights of ``step``. ``seed(step, micro)`` gives each
+        batch's sampling seed."""
+        if self._lookahead is not None and self._lookahead[0] is epoch_iterator:
+            current = self._lookahead[1]
+        else:  # first step, new epoch or resumed run: nothing was fetched ahead
+            self.cancel()
+            current = fetch()
+            self._restore(step, current)
+        upcoming = [] if last_step else fetch()
+        self._lookahead = (epoch_iterator, upcoming)
+        generate = self._publish(policy, step)
+        unqueued = [] if self._pending else current
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        for batch_step, group in ((step, unqueued), (step + 1, upcoming)):
+            for micro, batch in enumerate(group):
+                prompts = list(batch["prompt"])
+                sample = partial(generate, seed=seed(batch_step, micro))
+                future = self._pool.submit(self._make_rollout, prompts, step, sample)
+                self._pending.append((prompts, future))
+        return current
+
+    def _publish(self, policy: nn.Module, version: int) -> Callable[..., Samples]:
+        """Hand ``policy``'s current weights to the sampler; returns
+        ``generate(prompt_ids, prompt_mask, seed=...)`` with them."""
+        if self.backend == "thread":
+            if self._copy is None:
+                self._copy = copy.deepcopy(policy).eval().requires_grad_(False)
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            return partial(self._generate_in_thread, version, state)
+        if self.process is None:
+            self.process = RolloutProcess(policy, self._sampling)
+        self.process.publish(version, policy.state_dict())
+        return partial(self._generate_in_process, version)
+
+    def _generate_in_thread(
+        self,
+        version: int,
+        state: dict[str, torch.Tensor],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        seed: int,
+    ) -> Samples:
+        assert self._copy is not None
+        if self._copy_version != version:
+            self._copy.load_state_dict(state)
+            self._copy_version = version
+        return sample_completions(
+            self._copy, prompt_ids, prompt_mask, self._sampling, self._num_samples, seed
+        )
+
+    def _generate_in_process(
+        self, version: int, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
+    ) -> Samples:
+        assert self.process is not None
+        return self.process.sample(
+            SampleRequest(prompt_ids, prompt_mask, self._num_samples, version, seed)
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, checkpoint_dir: str, step: int, rank: int) -> None:
+        """Write the rollouts queued for the next step into ``checkpoint_dir`` (waiting for
+        them and their rewards)."""
+        if not self._pending:
+            return
+        records = []
+        for _, future in self._pending:
+            rollout = future.result()
+            record = {f.name: getattr(rollout, f.name) for f in fields(Rollout)}
+            del record["timings"]
+            records.append({**record, "rewards": rollout.rewards.result()})
+        path = os.path.join(checkpoint_dir, ROLLOUTS_FILE.format(rank=rank))
+        torch.save({"format": ROLLOUTS_FORMAT, "step": step, "rollouts": records}, path)
+
+    def load(self, checkpoint_dir: str | None, rank: int) -> None:
+        """Keep the rollouts saved in ``checkpoint_dir`` (the checkpoint a run resumes from;
+        ``None``: a fresh run) for the run's first step."""
+        self._resumed = None
+        if checkpoint_dir is not None:
+            path = os.path.join(checkpoint_dir, ROLLOUTS_FILE.format(rank=rank))
+            if os.path.exists(path):
+                self._resumed = torch.load(path, weights_only=True)
+
+    def _restore(self, step: int, batches: list[Any]) -> None:
+        """Queue the resumed checkpoint's rollouts if they are ``batches``' of ``step``."""
+        saved, self._resumed = self._resumed, None
+        if saved is None:
+            return
+        records = saved["rollouts"]
+        if (
+            saved.get("format") != ROLLOUTS_FORMAT
+            or saved["step"] != step
+            or [r["prompts"] for r in records] != [list(b["prompt"]) for b in batches]
+        ):
+            logger.warning("the checkpoint's async rollouts are not this step's; sampling anew")
+            return
+        for record in records:
+            rewards: Future[torch.Tensor] = Future()
+            rewards.set_result(record["rewards"])
+            done: Future[Rollout] = Future()
+            done.set_result(Rollout(**{**record, "rewards": rewards}))
+            self._pending.append((record["prompts"], done))
+
+    # ------------------------------------------------------------------ shutdown
+
+    def cancel(self) -> None:
+        """Drop the queued rollouts. One already being sampled cannot be cancelled: wait for
+        it, so that no sampler still reads the weight slot that the next publish overwrites."""
+        wait([future for _, future in self._pending if not future.cancel()])
+        self._pending.clear()
+        self._lookahead = None
+
+    def close(self) -> None:
+        """Cancel, stop the rollout process and the sampling thread (they start again if the
+        queue is used again)."""
+        self.cancel()
+        if self.process is not None:
+            self.process.close()  # waits for a rollout still being sampled
+            self.process = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
