@@ -225,6 +225,8 @@ def run_worker(opts: argparse.Namespace) -> None:
                 reward_url=opts.url,
                 async_generation=opts.worker == "ours-async",
             )
+            if opts.worker == "ours-async":
+                config.async_trainer_num_threads = opts.async_trainer_threads
             trainer = OnlineDPOTrainer(
                 model=policy,
                 args=config,
@@ -292,6 +294,8 @@ def _run_one(
             cmd.append("--bf16")
         if opts.attn_implementation:
             cmd += ["--attn-implementation", opts.attn_implementation]
+        if opts.async_trainer_threads:
+            cmd += ["--async-trainer-threads", str(opts.async_trainer_threads)]
         load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True)
         if proc.returncode != 0:
@@ -420,6 +424,14 @@ def _parser() -> argparse.ArgumentParser:
         "--attn-implementation", help="e.g. sdpa or eager (default: transformers' choice)"
     )
     parser.add_argument(
+        "--async-trainer-threads",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="async mode: the trainer's intra-op threads beside the rollout process (default: "
+        "async_trainer_num_threads' rule, torch's threads less one)",
+    )
+    parser.add_argument(
         "--service-threads", type=int, default=1, help="torch threads of the reward service"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
@@ -541,6 +553,7 @@ def main() -> None:
         "device": opts.device,
         "bf16": opts.bf16,
         "attn_implementation": opts.attn_implementation,
+        "async_trainer_threads": opts.async_trainer_threads,
         "reward_model": opts.reward_model,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

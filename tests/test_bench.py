@@ -94,6 +94,10 @@ def test_policy_option_and_per_policy_shapes() -> None:
         parse_args(["--policy", "1b"])
     with pytest.raises(SystemExit):
         parse_args(["--steps", "1"])
+    assert parse_args(["--async-trainer-threads", "2"]).async_trainer_threads == 2
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parse_args(["--async-trainer-threads", bad])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
