@@ -1,8 +1,10 @@
 """Sync vs async generation on the same budget: throughput and final reward.
 
-Each mode trains the built-in demo policy against a real reward-service subprocess with the
-same config and number of steps; only ``async_generation`` (and its backend: the rollout
-process, the default on CPU, or a thread) differs. Repeat ``i`` runs every mode with seed
+Each mode trains the same policy (``--policy``: the built-in demo policy, or a random-init
+4.3 M / 25.4 M Llama with the demo tokenizer, built at run time; see ``bench/policies.py``)
+against a real reward-service subprocess with the same config and number of steps; only
+``async_generation`` (and its backend: the rollout process, the default on CPU, or a thread)
+differs. Repeat ``i`` runs every mode with seed
 ``--seed + i``, so the spread over repeats is the seed-to-seed noise of the reward figures and
 each seed gives one paired async-minus-sync difference. Each run is its own subprocess (clean
 threads and memory), and the modes alternate over repeats so that a noisy neighbour hits all.
@@ -18,6 +20,10 @@ Measured per run:
 Prints a table and writes JSON (default ``bench/results/async.json``)::
 
     python bench/bench_async.py [--steps 200] [--repeats 3] [--modes sync async]
+    python bench/bench_async.py --policy 25m --steps 40 --repeats 3   # 8 prompts, 32 tokens
+
+A random-init policy learns little in a short run: its reward figures check that async mode
+does not change what is learnt, its throughput what async mode gains at that size.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.policies import POLICIES, build_policy  # noqa: E402
+
 # "async" is the default backend on CPU (a rollout process); "async-thread" the thread one.
 MODES = ("sync", "async", "async-thread")
 TARGET_SPEEDUP = 1.3
@@ -95,9 +106,9 @@ def run_worker(opts: argparse.Namespace) -> None:
             seed=opts.seed,
         )
         trainer = OnlineDPOTrainer(
-            AutoModelForCausalLM.from_pretrained(models.policy),
+            AutoModelForCausalLM.from_pretrained(opts.policy_path),
             args=config,
-            processing_class=AutoTokenizer.from_pretrained(models.policy, padding_side="left"),
+            processing_class=AutoTokenizer.from_pretrained(opts.policy_path, padding_side="left"),
             train_dataset=load_prompt_dataset(models.train_prompts),
             eval_dataset=load_prompt_dataset(models.eval_prompts),
         )
@@ -136,18 +147,24 @@ def run_worker(opts: argparse.Namespace) -> None:
     Path(opts.result).write_text(json.dumps(result))
 
 
-def _run_one(mode: str, opts: argparse.Namespace, url: str, seed: int) -> dict[str, Any]:
+def _run_one(
+    mode: str, opts: argparse.Namespace, url: str, seed: int, policy_path: Path
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         cmd = [
             sys.executable, __file__, "--worker", mode, "--url", url, "--result", result.name,
             "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--last", str(opts.last),
             "--batch-size", str(opts.batch_size), "--k", str(opts.k), "--lr", str(opts.lr),
             "--max-new-tokens", str(opts.max_new_tokens), "--seed", str(seed),
+            "--policy-path", str(policy_path),
         ]  # fmt: skip
+        load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, env=_worker_env(opts.threads), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} worker failed:\n{proc.stderr[-4000:]}")
-        return json.loads(Path(result.name).read_text())
+        run = json.loads(Path(result.name).read_text())
+        run["load_avg_1min"] = [load_before, os.getloadavg()[0]]
+        return run
 
 
 SUMMARY_KEYS = (
@@ -221,13 +238,20 @@ def _table(results: dict[str, Any], modes: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--policy",
+        "--policy-size",
+        choices=list(POLICIES),
+        default="demo",
+        help="the policy trained (default: the demo's)",
+    )
     parser.add_argument("--steps", type=int, default=200, help="the demo's length")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of step times")
     parser.add_argument("--last", type=int, default=20, help="steps averaged for the reward")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="prompts per step (default: the policy's)")
     parser.add_argument("--k", type=int, default=2, help="num_samples_per_prompt")
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the policy's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="seeds --seed, --seed + 1, ...")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -240,6 +264,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "async.json")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--policy-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
@@ -255,16 +280,23 @@ def main() -> None:
     from trainer.service_process import running_service
 
     models = ensure_demo_models()
+    size = POLICIES[opts.policy]
+    opts.batch_size = opts.batch_size or size.batch_size
+    opts.max_new_tokens = opts.max_new_tokens or size.max_new_tokens
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    with running_service(models.reward) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-async-") as scratch,
+        running_service(models.reward) as url,
+    ):
+        policy_path = build_policy(opts.policy, models.policy, Path(scratch))
         for i in range(opts.repeats):
             for mode in modes if i % 2 == 0 else modes[::-1]:
-                run = _run_one(mode, opts, url, opts.seed + i)
+                run = _run_one(mode, opts, url, opts.seed + i, policy_path)
                 runs[mode].append(run)
                 print(
                     f"  {mode:12} seed {opts.seed + i}: {run['tokens_per_s']:.1f} tokens/s, "
                     f"{run['samples_per_s']:.1f} samples/s, scores {run['final_scores']:.3f}, "
-                    f"eval {run['eval_reward_mean']:.3f}",
+                    f"eval {run['eval_reward_mean']:.3f} (load {run['load_avg_1min'][0]:.1f})",
                     flush=True,
                 )
     results: dict[str, Any] = {m: _summary(runs[m]) for m in modes}
@@ -277,12 +309,12 @@ def main() -> None:
     results["config"] = {
         k: getattr(opts, k)
         for k in ("steps", "warmup", "last", "batch_size", "k", "lr", "max_new_tokens", "seed")
-    } | {"repeats": opts.repeats, "threads": opts.threads, "modes": modes}
+    } | {"policy": opts.policy, "repeats": opts.repeats, "threads": opts.threads, "modes": modes}
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "load_avg_at_end": os.getloadavg(),
+        "load_avg_1min": [x for m in modes for r in runs[m] for x in r["load_avg_1min"]],
     }
     results["runs"] = runs
     print(_table(results, modes))

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
 from tests import support
 from tests.support import exited_within, process_alive, tiny_config
@@ -210,34 +211,40 @@ def test_ddp_async_ranks_sample_in_their_own_processes_and_resume_exactly(
 # ----------------------------------------------------------------------------- async
 
 
-@pytest.mark.parametrize("backend", ["process", "thread"])
+@pytest.mark.parametrize(
+    ("backend", "accumulation"), [("process", 1), ("thread", 1), ("process", 2)]
+)
 @pytest.mark.slow
 @pytest.mark.integration
 def test_async_generation_same_data_one_step_stale(
-    demo_models: Any, reward_service: str, tmp_path: Path, backend: str
+    demo_models: Any, reward_service: str, tmp_path: Path, backend: str, accumulation: int
 ) -> None:
-    """Async mode trains the same batches in the same order as sync mode, each sampled by the
-    weights of at most one step before (0 on the first step of an epoch), and scores no
+    """Over 3 epochs, async mode trains the same batches in the same order as sync mode, each
+    sampled by the weights of the step before: the next epoch's first batches are sampled
+    during the epoch's last step, so only the run's first step samples its own. It scores no
     completion it does not train on."""
-    dataset = prompts(demo_models, 24)  # 3 steps per epoch at batch 8
-    steps = 7
+    dataset = prompts(demo_models, 22)  # 3 batches per epoch at batch 8, the last of 6 prompts
+    steps = 3 * math.ceil(3 / accumulation)
     runs = {}
     for mode in (False, True):
         before = service_counts(reward_service)[1]
         trainer = make_trainer(
             demo_models, dataset, tmp_path / f"async-{mode}", reward_service,
-            per_device_train_batch_size=8, max_steps=steps, async_generation=mode,
-            async_generation_backend=backend,
+            per_device_train_batch_size=8, num_train_epochs=3, async_generation=mode,
+            async_generation_backend=backend, gradient_accumulation_steps=accumulation,
         )  # fmt: skip
         if mode:
             assert trainer.async_rollouts.backend == backend
         trainer.train()
         runs[mode] = (trainer, train_records(tmp_path / f"async-{mode}"))
         assert trainer.state.global_step == steps
-        assert service_counts(reward_service)[1] - before == steps * 2 * 8
+        assert service_counts(reward_service)[1] - before == 3 * 22 * 2
     (sync, sync_records), (asy, async_records) = runs[False], runs[True]
-    assert asy.order == sync.order
-    assert [r["async/staleness"] for r in async_records] == [0, 1, 1, 0, 1, 1, 0]
+    assert len(sync.order) == 9 and asy.order == sync.order
+    epochs = [sorted(p for batch in sync.order[i : i + 3] for p in batch) for i in (0, 3, 6)]
+    assert epochs[0] == epochs[1] == epochs[2] == sorted(dataset["prompt"])  # each once ...
+    assert sync.order[0:3] != sync.order[3:6] != sync.order[6:9]  # ... in a new order
+    assert [r["async/staleness"] for r in async_records] == [0] + [1] * (steps - 1)
     assert all("async/staleness" not in r for r in sync_records)
     # Step 1 is sampled from the same weights with the same seed: identical in both modes.
     assert torch.equal(asy.steps[0]["rewards"], sync.steps[0]["rewards"])
@@ -268,6 +275,101 @@ def test_async_process_backend_samples_in_another_process(
         records.append([{k: r[k] for k in ("loss", "objective/scores")} for r in train_records(
             tmp_path / f"p{run}")])  # fmt: skip
     assert records[0] == records[1]
+
+
+class ProbedPolicy(LlamaForCausalLM):
+    """A policy whose ``generate`` first notes its process and intra-op threads in ``probe``
+    (a file: the rollout process is another process) and, for up to ``watch`` s, waits for
+    its weights to change (fault injection: sampling slow enough for an optimizer step that
+    is not held back to overtake it)."""
+
+    probe: Path | None = None
+    watch = 0.0
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self.probe is not None:
+            with self.probe.open("a") as f:
+                f.write(f"{os.getpid()} {torch.get_num_threads()}\n")
+        weight = self.lm_head.weight
+        first, deadline = weight[0, 0].item(), time.monotonic() + self.watch
+        while time.monotonic() < deadline and weight[0, 0].item() == first:
+            time.sleep(0.01)
+        return super().generate(*args, **kwargs)
+
+
+def probed_trainer(
+    demo_models: Any, output_dir: Path, url: str, policy: dict[str, Any], **kw: Any
+) -> OnlineDPOTrainer:
+    """An async trainer (process backend unless ``kw`` says otherwise) on a
+    :class:`ProbedPolicy` (``policy``: its class attributes)."""
+    policy_class = type("Probed", (ProbedPolicy,), policy)
+    kw = {"async_generation": True, "async_generation_backend": "process", **kw}
+    return RecordingTrainer(
+        policy_class.from_pretrained(demo_models.policy),
+        args=tiny_config(output_dir, url, max_steps=4, **kw),
+        processing_class=AutoTokenizer.from_pretrained(demo_models.policy, padding_side="left"),
+        train_dataset=prompts(demo_models, 16),
+        callbacks=[MetricsJsonlCallback()],
+    )
+
+
+@pytest.mark.slow
+def test_async_process_optimizer_step_waits_for_the_rollout_in_flight(
+    demo_models: Any, reward_service: str, tmp_path: Path
+) -> None:
+    """The rollout process samples with the trainer's weights in place, so each optimizer
+    step waits until the rollouts sampled with the weights it changes are done: with its
+    sampling held for up to 1.5 s unless the weights change (an optimizer step not held
+    back would overtake it), it trains exactly as the thread backend, which samples with a
+    copy of the weights taken at the step before. (One intra-op thread everywhere: the same
+    sums in the same order.)"""
+    records = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for backend, watch in (("thread", 0.0), ("process", 1.5)):
+            out = tmp_path / backend
+            probed_trainer(
+                demo_models, out, reward_service, {"watch": watch}, async_generation_backend=backend
+            ).train()
+            keys = ("loss", "objective/scores", "objective/kl")
+            records.append([{k: r[k] for k in keys} for r in train_records(out)])
+    finally:
+        torch.set_num_threads(before)
+    assert len(records[0]) == 4 and records[0] == records[1]
+
+
+@pytest.mark.parametrize("wanted", [None, 2])
+@pytest.mark.slow
+def test_the_rollout_process_samples_on_one_thread_beside_the_trainer(
+    demo_models: Any, reward_service: str, tmp_path: Path, wanted: int | None
+) -> None:
+    """On a machine of 4 cores (torch's 4 intra-op threads), the rollout process samples on
+    one thread (a thread team would wait forever: GNU OpenMP is not fork-safe) and the
+    trainer keeps 3 (``async_trainer_num_threads``: as many as asked) while it runs, all 4
+    after."""
+    probe, seen = tmp_path / "probe", []
+
+    class Threads(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        trainer = probed_trainer(
+            demo_models, tmp_path / "t", reward_service, {"probe": probe},
+            async_trainer_num_threads=wanted,
+        )  # fmt: skip
+        trainer.add_callback(Threads())
+        trainer.train()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [wanted or 3] * 4
+    calls = [tuple(map(int, line.split())) for line in probe.read_text().splitlines()]
+    assert len(calls) == 4  # every rollout, the first step's too, is sampled in the process
+    assert all(pid != os.getpid() and threads == 1 for pid, threads in calls), calls
 
 
 @pytest.mark.slow

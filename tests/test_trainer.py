@@ -922,6 +922,7 @@ def test_peft_reference_is_the_base_with_the_adapter_disabled(
         ({"reward_timeout": 0.0}, "reward_timeout"),
         ({"reward_max_retries": -1}, "reward_max_retries"),
         ({"async_generation_backend": "gpu"}, "async_generation_backend"),
+        ({"async_trainer_num_threads": 0}, "async_trainer_num_threads"),
         ({"padding_free": "sometimes"}, "padding_free"),
         ({"reward_url": "ftp://example"}, "reward_url"),
     ],
@@ -991,7 +992,7 @@ def test_async_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_cancelling_the_async_queue_waits_for_a_rollout_being_sampled() -> None:
     """A queued rollout is cancelled; one already being sampled is waited for: with the
-    process backend it reads a weight slot that the next publish would overwrite."""
+    process backend it reads the trainer's weights, which the next optimizer step changes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from trainer.rollouts import AsyncRollouts

@@ -71,14 +71,21 @@ class OnlineDPOConfig(TrainingArguments):
         async_generation (`bool`, defaults to `False`):
             Generate and score the next batch with the weights of the step before while this
             batch is trained ("Asynchronous RLHF", Noukhovitch et al. 2024): at most one step
-            off-policy; the staleness is logged as ``async/staleness``. Holds one extra copy
-            of the policy for sampling.
+            off-policy; the staleness is logged as ``async/staleness``. The thread backend
+            holds one extra copy of the policy for sampling; the process backend none.
         async_generation_backend (`str`, defaults to `"auto"`):
-            Where async sampling runs: ``"process"`` (a process forked from the trainer with
-            its own copy of the policy; CPU training on Linux only; it takes half of torch's
-            intra-op threads), ``"thread"`` (a thread of the trainer: shares its GIL, so on
-            CPU the two mostly take turns), or ``"auto"`` (process on Linux CPU without
+            Where async sampling runs: ``"process"`` (a process forked from the trainer that
+            samples with the trainer's weights, moved into shared memory; CPU training on
+            Linux only; it samples on one intra-op thread), ``"thread"`` (a thread of the
+            trainer with its own copy of the policy: shares the trainer's GIL, so on CPU the
+            two mostly take turns), or ``"auto"`` (process on Linux CPU without
             DeepSpeed/FSDP, thread otherwise).
+        async_trainer_num_threads (`int`, *optional*):
+            Intra-op threads of the trainer while the rollout process (``"process"`` backend)
+            samples beside it on its one thread. ``None``: torch's threads
+            (``torch.get_num_threads()``, one per core by default) less one, at least one,
+            so that the two use each core once. The trainer gets its threads back after
+            ``train()``.
         reward_url (`list[str]`):
             Base URL of the reward service; several (a list, or comma-separated) are used with
             least-outstanding-requests routing and failover.
@@ -181,6 +188,12 @@ class OnlineDPOConfig(TrainingArguments):
         metadata={
             "help": "Async sampling in a 'process' (Linux CPU), a 'thread', or 'auto'.",
             "choices": ["auto", "process", "thread"],
+        },
+    )
+    async_trainer_num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Trainer's intra-op threads beside the rollout process (default: torch's - 1)."
         },
     )
     reward_url: list[str] | None = field(
@@ -300,6 +313,11 @@ class OnlineDPOConfig(TrainingArguments):
             self.async_generation_backend in ("auto", "process", "thread"),
             "async_generation_backend",
             "'auto', 'process' or 'thread'",
+        )
+        require(
+            self.async_trainer_num_threads is None or self.async_trainer_num_threads >= 1,
+            "async_trainer_num_threads",
+            ">= 1 (or unset)",
         )
         require(self.reward_timeout > 0, "reward_timeout", "> 0")
         require(self.reward_max_retries >= 0, "reward_max_retries", ">= 0")

@@ -2,23 +2,34 @@
 
 A thread that samples beside the update shares the trainer's GIL, and on CPU a small model's
 generation is mostly Python: the two take turns instead of overlapping. Here a forked process
-holds its own copy of the policy and samples the next batch while the trainer updates (the
-trainer keeps the reference forward: sampling is the longer half of a step). After each
-optimizer step the trainer copies its weights into one of two shared-memory slots; the process
-samples with the slot that a request names as its parameters (no copy). Two slots, alternating
-by version, mean the trainer never writes the slot that a running request may still be reading
-(that request belongs to the step before; the trainer waits for it before it publishes again).
+samples the next batch while the trainer updates (the trainer keeps the reference forward:
+sampling is the longer half of a step).
+
+It samples with the trainer's own weights, not a copy: before the fork the policy's parameters
+and buffers move into shared memory (``nn.Module.share_memory``, in place; the trainer goes on
+training them), so both processes map the same pages and there is nothing to publish. The
+trainer must not change the weights while a request is being sampled with them: its optimizer
+step waits for the rollouts in flight (``AsyncRollouts.wait_for_sampling``), which its next
+step needs before it can start anyway. Copies would cost memory twice over: each copy, and
+the process's copy-on-write image of the trainer's parameters, which becomes private to the
+process page by page as the optimizer writes the parameters.
 
 The process is forked, as DataLoader workers are: it starts at once with the trainer's imports
 and model already in memory (copy-on-write), where a spawned one spends seconds importing
-torch and transformers. Like a DataLoader worker it runs on its own intra-op threads, set
-before its first torch op, and touches nothing of the trainer's other threads (HTTP client,
-tokenizer).
+torch and transformers. Like a DataLoader worker it runs on one intra-op thread, set before
+its first torch op (GNU OpenMP, which torch uses on Linux, is not fork-safe: a thread team in
+a process forked after the parent's first parallel region waits forever for threads that the
+fork did not copy), and touches nothing of the trainer's other threads (HTTP client,
+tokenizer). Before the fork the allocator's free heap pages go back to the OS
+(``malloc_trim``): shared with the process, each would become private to it when the trainer
+reuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import threading
 import time
 import traceback
@@ -39,12 +50,11 @@ START_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """Sample ``num_samples`` completions per prompt with the weights of ``version``."""
+    """Sample ``num_samples`` completions per prompt with the trainer's current weights."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     num_samples: int
-    version: int  # the weight slot to sample with is version % 2
     seed: int
 
 
@@ -75,34 +85,49 @@ class Failed:
     error: str
 
 
-def split_threads(total: int) -> tuple[int, int]:
-    """``(rollout process, trainer)`` intra-op threads out of ``total``: half each (the
-    rollout process gets the smaller half of an odd count, at least one each)."""
-    rollout = max(1, total // 2)
-    return rollout, max(1, total - rollout)
+# Intra-op threads of the rollout process: one, as GNU OpenMP cannot run a thread team after a
+# fork (see the module docstring).
+ROLLOUT_THREADS = 1
+
+
+def trainer_threads(total: int, wanted: int | None = None) -> int:
+    """The trainer's intra-op threads while the rollout process samples beside it: ``wanted``,
+    or (``None``) its ``total`` less the process's one, at least one, so that the two use
+    each core once."""
+    return wanted if wanted is not None else max(1, total - ROLLOUT_THREADS)
+
+
+def release_free_heap() -> None:
+    """Return the C allocator's free heap pages to the OS (glibc's ``malloc_trim``; elsewhere
+    nothing)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 class RolloutProcess:
-    """A forked process that samples completions with its copy of ``policy`` (weights
-    published with :meth:`publish`). CPU only, on platforms with ``fork`` (Linux).
+    """A forked process that samples completions with ``policy``'s weights, which move into
+    shared memory for it (in place). CPU only, on platforms with ``fork`` (Linux).
 
-    The two processes split the intra-op threads (:func:`split_threads`; the trainer gets its
-    own back at :meth:`close`): more threads than cores makes both wait on each other.
+    The weights must not change while :meth:`sample` runs. The process samples on one
+    intra-op thread; the trainer keeps :func:`trainer_threads` of its own until
+    :meth:`close` (``trainer_num_threads``: an override): more threads than cores makes both
+    wait on each other.
     """
 
-    def __init__(self, policy: nn.Module, sampling: Sampling) -> None:
-        state = policy.state_dict()
-        self._slots = [
-            {k: v.detach().clone().share_memory_() for k, v in state.items()} for _ in range(2)
-        ]
+    def __init__(
+        self, policy: nn.Module, sampling: Sampling, trainer_num_threads: int | None = None
+    ) -> None:
+        policy.share_memory()
+        release_free_heap()
         self._trainer_threads = torch.get_num_threads()
-        rollout_threads, trainer_threads = split_threads(self._trainer_threads)
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
-        # The child's ``policy`` is its copy-on-write image of the trainer's: no copy here.
+        # The child's ``policy`` maps the same shared pages as the trainer's: no copy.
         self._process = ctx.Process(
             target=_rollout_process_main,
-            args=(child, self._conn, policy, self._slots, sampling, rollout_threads),
+            args=(child, self._conn, policy, sampling),
             name="online-dpo-rollout",
             daemon=True,
         )
@@ -110,18 +135,11 @@ class RolloutProcess:
         self._ready = False  # the first request waits for the process's Ready
         self._process.start()
         child.close()
-        torch.set_num_threads(trainer_threads)
+        torch.set_num_threads(trainer_threads(self._trainer_threads, trainer_num_threads))
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
-
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        """Make ``state`` the weights of ``version`` (sampling requests name the version)."""
-        slot = self._slots[version % 2]
-        with torch.no_grad():
-            for name, value in state.items():
-                slot[name].copy_(value)
 
     def sample(self, request: SampleRequest) -> Samples:
         """Sample as requested; blocks (without the GIL) until the process answers."""
@@ -186,18 +204,15 @@ def _rollout_process_main(
     conn: Connection,
     trainer_end: Connection,
     sampler: nn.Module,
-    slots: list[dict[str, torch.Tensor]],
     sampling: Sampling,
-    num_threads: int,
 ) -> None:
     """The rollout process: one request at a time until :class:`Stop` or a closed pipe."""
     # Before any torch op: the OpenMP pool inherited from the parent is not usable here.
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(ROLLOUT_THREADS)
     # The fork copied the trainer's end of the pipe too. Held open here, it would keep the pipe
     # open after the trainer dies (SIGKILL, OOM): this process would wait in recv() forever.
     trainer_end.close()
     sampler.eval().requires_grad_(False)
-    loaded_version: int | None = None
     conn.send(Ready())
     while True:
         try:
@@ -209,11 +224,6 @@ def _rollout_process_main(
                 return
             case SampleRequest() as request:
                 try:
-                    if request.version != loaded_version:
-                        # The slot's shared tensors become the parameters (no copy): pages of
-                        # the fork's own weights, written, would be private memory here.
-                        sampler.load_state_dict(slots[request.version % 2], assign=True)
-                        loaded_version = request.version
                     samples = sample_completions(
                         sampler, request.prompt_ids, request.prompt_mask, sampling,
                         request.num_samples, seed=request.seed,

@@ -5,7 +5,7 @@ rewards requested for them (still in flight when the rollout is made). In sync m
 samples its rollout itself. In async mode :class:`AsyncRollouts` samples the next step's
 rollouts with this step's weights while this step trains ("Asynchronous RLHF", Noukhovitch
 et al. 2024), by a copy of the policy in a thread or by a forked
-:class:`~trainer.rollout_process.RolloutProcess`.
+:class:`~trainer.rollout_process.RolloutProcess` that reads the trainer's own weights.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
+from transformers import TrainerCallback
 
 from trainer.generation import Prompt, Samples, Sampling, sample_completions
 from trainer.rewards import RewardBatch
@@ -101,22 +102,31 @@ def resolve_async_backend(
 
 class AsyncRollouts:
     """The rollouts of async mode: each step's are sampled during the step before, with its
-    weights (one step off-policy; the first step of an epoch samples its own).
+    weights (one step off-policy; only the run's first step samples its own).
 
     :meth:`batches` (from ``Trainer.get_batch_samples``) fetches the next step's batches along
-    with this step's and queues their rollouts; :meth:`take` hands the step its rollout.
-    Sampling runs in one background thread, by a copy of the policy (``thread``) or by a
-    forked :class:`RolloutProcess` holding its own (``process``). The rollouts queued at a
+    with this step's (at an epoch's last step, the next epoch's first) and queues their
+    rollouts; :meth:`take` hands the step its rollout. Sampling runs in one background thread,
+    by a copy of the policy (``thread``) or by a forked :class:`RolloutProcess` that reads the
+    trainer's weights in shared memory (``process``: the optimizer step must wait for
+    :meth:`wait_for_sampling`, see :class:`SamplingBarrier`). The rollouts queued at a
     checkpoint are saved with it (:meth:`save`), as no checkpoint holds their weights.
     """
 
     def __init__(
-        self, backend: str, sampling: Sampling, num_samples: int, make_rollout: MakeRollout
+        self,
+        backend: str,
+        sampling: Sampling,
+        num_samples: int,
+        make_rollout: MakeRollout,
+        trainer_num_threads: int | None = None,
     ) -> None:
         self.backend = backend
         self._sampling = sampling
         self._num_samples = num_samples
         self._make_rollout = make_rollout
+        # the trainer's intra-op threads beside the rollout process (None: the default rule)
+        self._trainer_num_threads = trainer_num_threads
         self._pool: ThreadPoolExecutor | None = None
         # (prompts, rollout) in the order the steps take them
         self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
@@ -150,18 +160,25 @@ class AsyncRollouts:
         last_step: bool,
         policy: nn.Module,
         seed: Callable[[int, int], int],
+        fetch_next_epoch: Callable[[], list[Any]] | None = None,
     ) -> list[Any]:
         """This step's batches (fetched a step ahead, or now with ``fetch``) and, unless it
-        is the ``last_step``, the next step's too: queue the rollouts of both that are not
+        is the ``last_step``, the next step's too (at the end of ``epoch_iterator``, the next
+        epoch's first, from ``fetch_next_epoch``): queue the rollouts of both that are not
         queued yet, with ``policy``'s weights of ``step``. ``seed(step, micro)`` gives each
         batch's sampling seed."""
         if self._lookahead is not None and self._lookahead[0] is epoch_iterator:
             current = self._lookahead[1]
-        else:  # first step, new epoch or resumed run: nothing was fetched ahead
-            self.cancel()
+        else:  # first step, new epoch or resumed run
             current = fetch()
-            self._restore(step, current)
+            if not self._queued_for(current):  # the run's first step, or a resumed run
+                if self._pending:
+                    logger.info("the epoch's first batches are not those fetched ahead")
+                self.cancel()
+                self._restore(step, current)
         upcoming = [] if last_step else fetch()
+        if not upcoming and not last_step and fetch_next_epoch is not None:
+            upcoming = fetch_next_epoch()
         self._lookahead = (epoch_iterator, upcoming)
         generate = self._publish(policy, step)
         unqueued = [] if self._pending else current
@@ -176,6 +193,11 @@ class AsyncRollouts:
                 self._pending.append((prompts, future))
         return current
 
+    def _queued_for(self, batches: list[Any]) -> bool:
+        """Whether the queued rollouts are those of ``batches`` (fetched ahead of an epoch)."""
+        queued = [prompts for prompts, _ in self._pending]
+        return bool(queued) and queued == [list(batch["prompt"]) for batch in batches]
+
     def _publish(self, policy: nn.Module, version: int) -> Callable[..., Samples]:
         """Hand ``policy``'s current weights to the sampler; returns
         ``generate(prompt_ids, prompt_mask, seed=...)`` with them."""
@@ -184,10 +206,9 @@ class AsyncRollouts:
                 self._copy = copy.deepcopy(policy).eval().requires_grad_(False)
             state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
             return partial(self._generate_in_thread, version, state)
-        if self.process is None:
-            self.process = RolloutProcess(policy, self._sampling)
-        self.process.publish(version, policy.state_dict())
-        return partial(self._generate_in_process, version)
+        if self.process is None:  # it reads the weights in place from now on
+            self.process = RolloutProcess(policy, self._sampling, self._trainer_num_threads)
+        return self._generate_in_process
 
     def _generate_in_thread(
         self,
@@ -206,12 +227,16 @@ class AsyncRollouts:
         )
 
     def _generate_in_process(
-        self, version: int, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
     ) -> Samples:
         assert self.process is not None
-        return self.process.sample(
-            SampleRequest(prompt_ids, prompt_mask, self._num_samples, version, seed)
-        )
+        return self.process.sample(SampleRequest(prompt_ids, prompt_mask, self._num_samples, seed))
+
+    def wait_for_sampling(self) -> None:
+        """Wait until the queued rollouts are sampled (the process backend reads the weights
+        that the optimizer step is about to change)."""
+        if self.process is not None:
+            wait([future for _, future in self._pending])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -276,7 +301,7 @@ class AsyncRollouts:
 
     def cancel(self) -> None:
         """Drop the queued rollouts. One already being sampled cannot be cancelled: wait for
-        it, so that no sampler still reads the weight slot that the next publish overwrites."""
+        it, so that no sampler still reads weights that the optimizer step changes."""
         wait([future for _, future in self._pending if not future.cancel()])
         self._pending.clear()
         self._lookahead = None
@@ -291,3 +316,14 @@ class AsyncRollouts:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+class SamplingBarrier(TrainerCallback):
+    """Holds each optimizer step until the rollouts sampled with the weights it changes are
+    done (the process backend samples with the trainer's weights in place)."""
+
+    def __init__(self, rollouts: AsyncRollouts) -> None:
+        self.rollouts = rollouts
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rollouts.wait_for_sampling()

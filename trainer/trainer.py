@@ -19,6 +19,7 @@ logging, checkpoints (made atomic by :class:`~trainer.checkpoint.AtomicCheckpoin
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -33,7 +34,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from common.client import split_urls
 from trainer.checkpoint import AtomicCheckpoints
@@ -70,7 +71,14 @@ from trainer.rewards import (
     repeat_per_sample,
     reward_metrics,
 )
-from trainer.rollouts import AsyncRollouts, Generate, Rollout, Timings, resolve_async_backend
+from trainer.rollouts import (
+    AsyncRollouts,
+    Generate,
+    Rollout,
+    SamplingBarrier,
+    Timings,
+    resolve_async_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +204,9 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
                         self.accelerator.distributed_type,
                     ),
                     self.sampling, args.num_samples_per_prompt, self._rollout,
+                    args.async_trainer_num_threads,
                 )  # fmt: skip
+                self.add_callback(SamplingBarrier(self.async_rollouts))
         except BaseException:
             self.rewards.close()
             raise
@@ -418,9 +428,43 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         step = self.state.global_step
         batches = self.async_rollouts.batches(
             epoch_iterator, lambda: fetch()[0], step, step + 1 >= self.state.max_steps,
-            self.accelerator.unwrap_model(self.model), self._seed,
+            self.accelerator.unwrap_model(self.model), self._seed, self._next_epoch_batches,
         )  # fmt: skip
         return batches, None
+
+    def _next_epoch_batches(self) -> list[Any]:
+        """The next epoch's first step's batches, fetched now (during this epoch's last step)
+        as ``Trainer._run_epoch`` will fetch them: from an iterator over the training
+        dataloader set to that epoch, which is then dropped. The global RNG is saved and
+        restored around it, so the Trainer's own iterator draws the same order (with
+        ``accelerate``'s seedable sampler, the default, the order is the epoch's anyway).
+        Should they differ, the step samples its rollout itself: the data order is always
+        the Trainer's. A dataloader without a length has no epochs: nothing."""
+        dataloader = self.callback_handler.train_dataloader
+        if dataloader is None or not has_length(dataloader):
+            return []
+        epoch = math.floor(self.state.epoch) + 1
+        num_batches = min(self.args.gradient_accumulation_steps, len(dataloader))
+        with torch.random.fork_rng(devices=[]):
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
+            # As Trainer does: accelerate's DataLoaderShard does not forward set_epoch to a
+            # batch sampler wrapped in BatchSamplerShard.
+            inner = getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)
+            if hasattr(inner, "set_epoch"):
+                inner.set_epoch(epoch)
+            iterator = iter(dataloader)
+            try:
+                batches, _ = super().get_batch_samples(iterator, num_batches, self.args.device)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+                # accelerate's iterator registers the dataloader as active until it ends.
+                end = getattr(dataloader, "end", None)
+                if end is not None:
+                    end()
+        return batches
 
     def save_extra(self, checkpoint_dir: str) -> None:
         """Async mode: the rollouts sampled ahead for the next step (no checkpoint holds the
