@@ -137,6 +137,19 @@ class CompletionLog:
         self.console = console or Console()
         self._records: list[dict[str, Any]] = []
 
+    @classmethod
+    def from_args(cls, args: Any, is_main_process: bool) -> CompletionLog | None:
+        """The log ``args.log_completions`` asks for (``OUTPUT_DIR/completions.jsonl``), or
+        ``None``."""
+        if not args.log_completions:
+            return None
+        return cls(
+            args.output_dir,
+            is_main_process=is_main_process,
+            num_completions_to_print=args.num_completions_to_print,
+            report_to=args.report_to,
+        )
+
     def start(self, global_step: int) -> None:
         """At the start of training: a fresh run (step 0) starts the file over; a run resumed
         at step N keeps the records up to step N, so no step appears twice."""

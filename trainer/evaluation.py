@@ -1,9 +1,10 @@
 """Evaluation on held-out prompts: the policy's samples judged by the reward service, their KL
 to the reference, and their win rate against the reference's samples.
 
-:class:`HeldOutEvaluation` is ``Trainer.evaluate`` in those terms; the trainer supplies
-:meth:`~HeldOutEvaluation.judge` (sample and score one batch). The demo's before/after table
-judges through the same method.
+:class:`HeldOutEvaluation` is ``Trainer.evaluate`` in those terms, with
+:meth:`~HeldOutEvaluation.judge` (sample and score one batch) built on the trainer's own
+sampling, rewards and log-probs (``_rollout``, ``_sampler``, ``_reference``, ``_logps``). The
+demo's before/after table judges through the same method.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import Trainer
 
-from trainer.generation import Prompt
+from trainer.generation import Prompt, unwrapped_for_generation
+from trainer.logprobs import contains_eos, masked_sum
 from trainer.rewards import reward_metrics
 
 
@@ -42,17 +45,50 @@ class HeldOutEvaluation(Trainer):
     win rate against the reference model's samples (ties count half), both judged by the
     reward service, with the KL and the share of completions that end with an EOS."""
 
+    @torch.no_grad()
     def judge(
         self,
         prompts: list[Prompt],
         num_samples: int = 1,
         against_reference: bool = True,
-        columns: dict[str, list] | None = None,
+        columns: dict[str, list[Any]] | None = None,
     ) -> Judged:
-        """``num_samples`` samples of the policy per prompt, judged, with (if
-        ``against_reference``) one judged sample of the reference per prompt; ``columns``
-        are the prompts' dataset columns (for reward functions)."""
-        raise NotImplementedError
+        """``num_samples`` samples of the policy per prompt, judged by the reward sources,
+        with their KL to the reference and, ``against_reference``, the reward of one sample
+        of the reference per prompt (what :meth:`evaluate` reports, per sample).
+        ``columns``: the prompts' dataset columns that reward functions read."""
+        with unwrapped_for_generation(self.model_wrapped, self.accelerator) as policy:
+            was_training = policy.training
+            policy.eval()
+            try:
+                step = self.state.global_step
+                mine = self._rollout(
+                    prompts, step, self._sampler(policy, num_samples=num_samples), columns
+                )
+                theirs = None
+                if against_reference:
+                    ref, adapter_off = self._reference(policy)
+                    with adapter_off:
+                        theirs = self._rollout(
+                            prompts, step, self._sampler(ref, num_samples=1), columns
+                        )
+                logps, ref_logps = self._logps(policy, mine)
+            finally:
+                policy.train(was_training)
+        mask = mine.completion_mask
+        scored = mine.wait_for_rewards()
+        return Judged(
+            prompts=list(prompts) * num_samples,
+            completions=mine.completions,
+            rewards=scored.combined,
+            ref_rewards=None if theirs is None else theirs.wait_for_rewards().combined,
+            per_source=scored.per_source,
+            source_names=scored.names,
+            kl=masked_sum(logps - ref_logps, mask),
+            contain_eos=contains_eos(
+                mine.completion_ids, mask, self.sampling.eos_token_ids
+            ).float(),
+        )
 
     def evaluate(
         self,

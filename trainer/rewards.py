@@ -438,6 +438,32 @@ class RewardSources:
         self.columns = check_columns(self.specs, columns)
         return self.columns
 
+    def submit_rollout(
+        self,
+        prompts: Sequence[Any],
+        completions: list[str],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        columns: Mapping[str, Sequence[Any]],
+        needed: Sequence[str],
+        trainer_state: Any,
+        step: int,
+    ) -> Future[RewardBatch]:
+        """:meth:`submit` for a rollout: ``K`` completions per prompt in block layout (sample
+        ``k`` of prompt ``i`` at ``k·B + i``), the ``needed`` dataset columns given per
+        prompt; functions get the token ids without padding, as TRL passes them."""
+        k = len(completions) // len(prompts)
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(f"the batch has no column(s) {missing} that reward functions read")
+        keep = completion_mask.bool()
+        ids = [row[m].tolist() for row, m in zip(completion_ids, keep, strict=True)]
+        return self.submit(
+            repeat_per_sample(prompts, k), completions, ids,
+            columns={c: repeat_per_sample(columns[c], k) for c in needed},
+            trainer_state=trainer_state, step=step,
+        )  # fmt: skip
+
     def submit(
         self,
         prompts: Sequence[Prompt],

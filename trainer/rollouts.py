@@ -26,6 +26,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 
 from trainer.generation import Prompt, Samples, Sampling, sample_completions
 from trainer.rewards import RewardBatch
@@ -327,3 +328,42 @@ class SamplingBarrier(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rollouts.wait_for_sampling()
+
+
+def next_epoch_batches(
+    dataloader: Any,
+    epoch: int,
+    num_batches: int,
+    device: torch.device,
+    get_batch_samples: Callable[[Iterator[Any], int, torch.device], tuple[list[Any], Any]],
+) -> list[Any]:
+    """The first step's batches of ``epoch``, fetched now (during the epoch before's last step)
+    as ``Trainer._run_epoch`` will fetch them: from an iterator over the training dataloader
+    set to that epoch, which is then dropped. The global RNG is saved and restored around it,
+    so the Trainer's own iterator draws the same order (with ``accelerate``'s seedable
+    sampler, the default, the order is the epoch's anyway). Should they differ, the step
+    samples its rollout itself: the data order is always the Trainer's. A dataloader without
+    a length has no epochs: nothing."""
+    if dataloader is None or not has_length(dataloader):
+        return []
+    num_batches = min(num_batches, len(dataloader))
+    with torch.random.fork_rng(devices=[]):
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        # As Trainer does: accelerate's DataLoaderShard does not forward set_epoch to a
+        # batch sampler wrapped in BatchSamplerShard.
+        inner = getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+        iterator = iter(dataloader)
+        try:
+            batches, _ = get_batch_samples(iterator, num_batches, device)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            # accelerate's iterator registers the dataloader as active until it ends.
+            end = getattr(dataloader, "end", None)
+            if end is not None:
+                end()
+    return batches

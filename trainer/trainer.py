@@ -25,7 +25,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, NoReturn, Self
@@ -34,14 +33,14 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from common.client import split_urls
 from trainer.checkpoint import AtomicCheckpoints
 from trainer.completion_log import CompletionLog, CompletionLogStart
 from trainer.config import OnlineDPOConfig
 from trainer.data import PROMPT_COLUMN
-from trainer.evaluation import HeldOutEvaluation, Judged
+from trainer.evaluation import HeldOutEvaluation
 from trainer.generation import (
     Prompt,
     Sampling,
@@ -65,10 +64,8 @@ from trainer.metrics import RewardEvents, StepRecord, step_metrics
 from trainer.models import end_of_completion_tokens, prepare_models
 from trainer.reward_specs import RewardFuncEntry
 from trainer.rewards import (
-    RewardBatch,
     RewardModelChanged,
     RewardSources,
-    repeat_per_sample,
     reward_metrics,
 )
 from trainer.rollouts import (
@@ -77,6 +74,7 @@ from trainer.rollouts import (
     Rollout,
     SamplingBarrier,
     Timings,
+    next_epoch_batches,
     resolve_async_backend,
 )
 
@@ -185,14 +183,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         self.reward_events = RewardEvents(
             args.output_dir, lambda: self.state.global_step, self.is_world_process_zero()
         )
-        self.completion_log = None
-        if args.log_completions:
-            self.completion_log = CompletionLog(
-                args.output_dir,
-                is_main_process=self.is_world_process_zero(),
-                num_completions_to_print=args.num_completions_to_print,
-                report_to=args.report_to,
-            )
+        self.completion_log = CompletionLog.from_args(args, self.is_world_process_zero())
+        if self.completion_log is not None:
             self.add_callback(CompletionLogStart(self.completion_log))
         self.async_rollouts: AsyncRollouts | None = None
         try:
@@ -344,42 +336,18 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         generate_seconds = time.perf_counter() - start
         with self._tokenizer_lock:
             completions = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        rewards = self.rewards.submit_rollout(
+            prompts, completions, samples.completion_ids, samples.completion_mask,
+            columns or {}, self.reward_columns, self.state, self.state.global_step + 1,
+        )  # fmt: skip
         return Rollout(
             **vars(samples),
             prompts=list(prompts),
             completions=completions,
-            rewards=self._request_rewards(
-                prompts,
-                completions,
-                samples.completion_ids,
-                samples.completion_mask,
-                columns or {},
-            ),
+            rewards=rewards,
             policy_version=version,
             timings=Timings(generate=generate_seconds),
         )
-
-    def _request_rewards(
-        self,
-        prompts: list[Prompt],
-        completions: list[str],
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-        columns: dict[str, list[Any]],
-    ) -> Future[RewardBatch]:
-        """Request the completions' rewards (``K`` per prompt, block layout) from every
-        source at once; functions get the token ids without padding, as TRL passes them."""
-        k = len(completions) // len(prompts)
-        missing = [c for c in self.reward_columns if c not in columns]
-        if missing:
-            raise ValueError(f"the batch has no column(s) {missing} that reward functions read")
-        keep = completion_mask.bool()
-        ids = [row[m].tolist() for row, m in zip(completion_ids, keep, strict=True)]
-        return self.rewards.submit(
-            repeat_per_sample(prompts, k), completions, ids,
-            columns={c: repeat_per_sample(columns[c], k) for c in self.reward_columns},
-            trainer_state=self.state, step=self.state.global_step + 1,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ log-probs
 
@@ -433,38 +401,11 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         return batches, None
 
     def _next_epoch_batches(self) -> list[Any]:
-        """The next epoch's first step's batches, fetched now (during this epoch's last step)
-        as ``Trainer._run_epoch`` will fetch them: from an iterator over the training
-        dataloader set to that epoch, which is then dropped. The global RNG is saved and
-        restored around it, so the Trainer's own iterator draws the same order (with
-        ``accelerate``'s seedable sampler, the default, the order is the epoch's anyway).
-        Should they differ, the step samples its rollout itself: the data order is always
-        the Trainer's. A dataloader without a length has no epochs: nothing."""
-        dataloader = self.callback_handler.train_dataloader
-        if dataloader is None or not has_length(dataloader):
-            return []
-        epoch = math.floor(self.state.epoch) + 1
-        num_batches = min(self.args.gradient_accumulation_steps, len(dataloader))
-        with torch.random.fork_rng(devices=[]):
-            if hasattr(dataloader, "set_epoch"):
-                dataloader.set_epoch(epoch)
-            # As Trainer does: accelerate's DataLoaderShard does not forward set_epoch to a
-            # batch sampler wrapped in BatchSamplerShard.
-            inner = getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)
-            if hasattr(inner, "set_epoch"):
-                inner.set_epoch(epoch)
-            iterator = iter(dataloader)
-            try:
-                batches, _ = super().get_batch_samples(iterator, num_batches, self.args.device)
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-                # accelerate's iterator registers the dataloader as active until it ends.
-                end = getattr(dataloader, "end", None)
-                if end is not None:
-                    end()
-        return batches
+        """The next epoch's first step's batches (:func:`~trainer.rollouts.next_epoch_batches`)."""
+        return next_epoch_batches(
+            self.callback_handler.train_dataloader, math.floor(self.state.epoch) + 1,
+            self.args.gradient_accumulation_steps, self.args.device, super().get_batch_samples,
+        )  # fmt: skip
 
     def save_extra(self, checkpoint_dir: str) -> None:
         """Async mode: the rollouts sampled ahead for the next step (no checkpoint holds the
@@ -527,50 +468,3 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             if self.completion_log is not None:
                 self.completion_log.flush()
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def judge(
-        self,
-        prompts: list[Prompt],
-        num_samples: int = 1,
-        against_reference: bool = True,
-        columns: dict[str, list[Any]] | None = None,
-    ) -> Judged:
-        """``num_samples`` samples of the policy per prompt, judged by the reward sources,
-        with their KL to the reference and, ``against_reference``, the reward of one sample
-        of the reference per prompt (what :meth:`evaluate` reports, per sample).
-        ``columns``: the prompts' dataset columns that reward functions read."""
-        with unwrapped_for_generation(self.model_wrapped, self.accelerator) as policy:
-            was_training = policy.training
-            policy.eval()
-            try:
-                step = self.state.global_step
-                mine = self._rollout(
-                    prompts, step, self._sampler(policy, num_samples=num_samples), columns
-                )
-                theirs = None
-                if against_reference:
-                    ref, adapter_off = self._reference(policy)
-                    with adapter_off:
-                        theirs = self._rollout(
-                            prompts, step, self._sampler(ref, num_samples=1), columns
-                        )
-                logps, ref_logps = self._logps(policy, mine)
-            finally:
-                policy.train(was_training)
-        mask = mine.completion_mask
-        scored = mine.wait_for_rewards()
-        return Judged(
-            prompts=list(prompts) * num_samples,
-            completions=mine.completions,
-            rewards=scored.combined,
-            ref_rewards=None if theirs is None else theirs.wait_for_rewards().combined,
-            per_source=scored.per_source,
-            source_names=scored.names,
-            kl=masked_sum(logps - ref_logps, mask),
-            contain_eos=contains_eos(
-                mine.completion_ids, mask, self.sampling.eos_token_ids
-            ).float(),
-        )
