@@ -73,3 +73,21 @@ def reward_service(reward_path: Path) -> Iterator[str]:
     / ``ServiceProcess`` (a subprocess) or ``tests.support.serve`` (an app in a thread)."""
     with running_service(reward_path) as url:
         yield url
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The ``wandb`` module in offline mode writing under ``tmp_path``.
+
+    W&B caches its settings (``WANDB_DIR`` included) in a process-wide singleton on first use,
+    so a second test in the same process would write into the first test's directory; tearing
+    the singleton down before and after gives each test its own run directory.
+    """
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    yield wandb
+    wandb.finish()
+    wandb.teardown()

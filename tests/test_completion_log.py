@@ -122,13 +122,8 @@ def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / COMPLETIONS_FILE).exists() and out.getvalue() == ""
 
 
-def test_wandb_offline_run_holds_the_completions_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_offline_run_holds_the_completions_table(tmp_path: Path, wandb_offline: Any) -> None:
+    wandb = wandb_offline
     log = CompletionLog(
         tmp_path / "out", is_main_process=True, report_to=["wandb"],
         console=Console(file=io.StringIO()),

@@ -409,16 +409,12 @@ def test_log_completions_writes_jsonl_prints_and_logs_a_wandb_table(
     demo_models: DemoModels,
     services: tuple[str, str],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    wandb_offline: object,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``log_completions`` with W&B offline in ``report_to``: completions.jsonl holds each
     logged step's prompts, K completions, per-source and combined rewards and the pair; the
     console shows a table; the offline W&B run directory holds the completions table."""
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     trainer = make(
         demo_models, tmp_path, None, log_completions=True, num_completions_to_print=1,
         report_to=["wandb"], reward_funcs=[services[0], "trainer.rules:brevity_reward"],
