@@ -69,23 +69,17 @@ def step_metrics(step: StepRecord) -> dict[str, torch.Tensor]:
 
 
 class RewardEvents:
-    """Reward client events (a redeployed reward model, retries) into the log and
-    ``OUTPUT_DIR/events.jsonl`` (written by the main process only); counts model changes."""
+    """Reward client events (a redeployed reward model, retries) into
+    ``OUTPUT_DIR/events.jsonl`` (written by the main process only). Model changes are
+    logged and counted per source by ``trainer.rewards.ModelChangePolicy``."""
 
     def __init__(self, output_dir: str, step: Callable[[], int], writes: bool) -> None:
         self.path = Path(output_dir) / EVENTS_FILE
         self._step = step
         self._writes = writes
-        self.model_changes = 0
 
     def __call__(self, name: str, payload: dict[str, Any]) -> None:
-        if name == "reward_model_changed":
-            self.model_changes += 1
-            logger.warning(
-                "reward model changed during training: %s (%s -> %s)",
-                payload.get("model_id"), payload.get("old_hash"), payload.get("new_hash"),
-            )  # fmt: skip
-        elif name == "reward_retry":
+        if name == "reward_retry":
             logger.info("reward request retry: %s", payload)
         if self._writes:
             record = {"event": name, "step": self._step(), "time": time.time()}

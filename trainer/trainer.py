@@ -458,7 +458,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         for name, value in reward_metrics(per_source, scored.names).items():
             self.stats[name].append(value)
         self.stats["beta"].append(step.beta)
-        self.stats["reward/model_changes"].append(float(self.reward_events.model_changes))
+        self.stats["reward/model_changes"].append(float(self.rewards.policy.total_changes))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics (means since the last log) to the Trainer's training logs."""
