@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import yaml
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
+import trainer.rollouts as rollouts_module
 from tests import support
 from tests.support import exited_within, process_alive, tiny_config
 from trainer.callbacks import MetricsJsonlCallback, read_metrics
@@ -28,6 +30,7 @@ from trainer.checkpoint import STAGING_DIR
 from trainer.cli import main as cli_main
 from trainer.losses import dpo_losses
 from trainer.metrics import StepRecord
+from trainer.rollouts import reference_in_rollout
 from trainer.trainer import OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,6 +340,52 @@ def test_async_process_optimizer_step_waits_for_the_rollout_in_flight(
     finally:
         torch.set_num_threads(before)
     assert len(records[0]) == 4 and records[0] == records[1]
+
+
+@pytest.mark.unit
+def test_the_reference_pass_goes_to_the_shorter_half() -> None:
+    """With sampling G and the policy's forward and backward F side by side, the reference
+    pass R goes where the step (the longer half) is shorter: max(G + R, F) vs max(G, F + R)."""
+    grid = [0.05, 0.3, 0.9, 1.0, 1.1, 2.5]
+    for g, f, r in itertools.product(grid, grid, grid):
+        in_rollout, in_trainer = max(g + r, f), max(g, f + r)
+        if in_rollout != in_trainer:
+            assert reference_in_rollout(g, f) == (in_rollout < in_trainer), (g, f, r)
+
+
+@pytest.mark.parametrize("in_rollout", [False, True], ids=["trainer", "rollout"])
+@pytest.mark.slow
+def test_the_rollout_process_runs_the_reference_pass_with_the_trainers_numbers(
+    demo_models: Any,
+    reward_service: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_rollout: bool,
+) -> None:
+    """Placed in the rollout process (the rule pinned for the test), the reference pass gives
+    the numbers the trainer's own pass gives (one intra-op thread on both sides), from the
+    first request placed after a measured step: the third step's."""
+    monkeypatch.setattr(rollouts_module, "reference_in_rollout", lambda g, f: in_rollout)
+    records = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for backend in ("thread", "process"):
+            out = tmp_path / backend
+            make_trainer(
+                demo_models, prompts(demo_models, 16), out, reward_service,
+                per_device_train_batch_size=4, max_steps=4, async_generation=True,
+                async_generation_backend=backend,
+            ).train()  # fmt: skip
+            records.append(train_records(out))
+    finally:
+        torch.set_num_threads(before)
+    keys = ("loss", "objective/scores", "objective/kl", "logps/chosen")
+    thread, process = ([{k: r[k] for k in keys} for r in run] for run in records)
+    assert len(thread) == 4 and thread == process
+    placed = [r["async/reference_in_rollout"] for r in records[1]]
+    assert placed == ([0.0, 0.0, 1.0, 1.0] if in_rollout else [0.0] * 4)
+    assert all("async/reference_in_rollout" not in r for r in records[0])
 
 
 @pytest.mark.parametrize("wanted", [None, 2])

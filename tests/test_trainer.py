@@ -32,6 +32,7 @@ from common.demo_models import DemoModels
 from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, make_trainer, tiny_config
 from trainer.config import OnlineDPOConfig
 from trainer.logprobs import (
+    LogProbPass,
     completion_token_logps,
     pack_completions,
     packed_token_logps,
@@ -200,7 +201,7 @@ def test_loss_and_metrics_equal_trls(
         PROMPTS,
         ref_model=perturbed_policy(demo_models),
     )
-    assert ours.padding_free == padding_free
+    assert ours.logprob_pass.padding_free == padding_free
     fixed_generate(ours.model, raw)
     spy = ScoreSpy(ours)
     ours.model.train()
@@ -598,23 +599,23 @@ def test_padding_free_default_is_on_for_cpu_training_and_packs_once_per_step(
 ) -> None:
     """On CPU padding-free passes are the default; the reference and the policy pass share
     one packed batch per step."""
-    import trainer.trainer as trainer_module
+    import trainer.logprobs as logprobs_module
 
     packs = []
-    pack = trainer_module.pack_completions
+    pack = logprobs_module.pack_completions
 
     def counted(*args: Any) -> Any:
         packs.append(args)
         return pack(*args)
 
-    monkeypatch.setattr(trainer_module, "pack_completions", counted)
     trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), PROMPTS)
-    assert trainer.padding_free
+    assert trainer.logprob_pass.padding_free
+    monkeypatch.setattr(logprobs_module, "pack_completions", counted)  # after the start-up check
     trainer.train()
     assert len(packs) == 2
     assert not make_trainer(
         demo_models, config(tmp_path, reward_service, padding_free=False), PROMPTS
-    ).padding_free
+    ).logprob_pass.padding_free
 
 
 @pytest.mark.slow
@@ -624,7 +625,7 @@ def test_padding_free_stays_off_for_a_model_that_ignores_the_packed_mask(
 ) -> None:  # fmt: skip
     with caplog.at_level("WARNING", logger="trainer.logprobs"):
         trainer = make_trainer(demo_models, config(tmp_path, reward_service), PROMPTS)
-    assert not trainer.padding_free
+    assert not trainer.logprob_pass.padding_free
     assert "padding_free off" in caplog.text and "does not keep packed" in caplog.text
     with pytest.raises(ValueError, match="padding_free=True: LlamaForCausalLM with sdpa"):
         make_trainer(demo_models, config(tmp_path, reward_service, padding_free=True), PROMPTS)
@@ -727,7 +728,7 @@ def test_score_request_overlaps_the_log_prob_forwards(
     the request is in flight while the reference and policy forwards run, so the trainer
     barely waits for it."""
     spans: dict[str, list[tuple[float, float]]] = {"score": [], "forward": []}
-    forward = OnlineDPOTrainer._token_logps
+    forward = LogProbPass.token_logps
 
     def slow_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         start = time.perf_counter()
@@ -736,7 +737,7 @@ def test_score_request_overlaps_the_log_prob_forwards(
         spans["forward"].append((start, time.perf_counter()))
         return out
 
-    monkeypatch.setattr(OnlineDPOTrainer, "_token_logps", slow_forward)
+    monkeypatch.setattr(LogProbPass, "token_logps", slow_forward)
     trainer = make_trainer(demo_models, config(tmp_path, reward_service, max_steps=2), PROMPTS)
     (client,) = trainer.rewards._clients.values()
     score = client.score

@@ -113,6 +113,8 @@ class Samples:
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor  # [K·B, T], padding after the first EOS
     completion_mask: torch.Tensor
+    # [K·B, T]: the reference's per-token log-probs, where the sampler computed them too
+    ref_logps: torch.Tensor | None = None
 
 
 @torch.no_grad()

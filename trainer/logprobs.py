@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -266,3 +267,55 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension of the entries where ``mask`` is 1."""
     return (values * mask).sum(-1)
+
+
+class TokenBatch(Protocol):
+    """Prompts and completions in TRL's block layout (sample ``k`` of prompt ``i`` at row
+    ``k·B + i``): :class:`~trainer.generation.Samples` and the trainer's rollouts."""
+
+    prompt_ids: torch.Tensor  # [K·B, P], left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [K·B, T], right-padded
+    completion_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LogProbPass:
+    """How the step computes per-token log-probs of a :class:`TokenBatch`: packed into one
+    row (``padding_free``) or padded, the prompt cut to fit ``max_length``. The trainer and
+    the rollout process (which may run the reference pass) share it, so both compute the same
+    numbers."""
+
+    padding_free: bool
+    max_length: int
+
+    def pack(self, samples: TokenBatch, num_samples: int) -> PackedBatch | None:
+        """The packed batch of ``samples``, ``num_samples`` per prompt (``None`` unless
+        ``padding_free``): built once for the policy's and the reference's pass."""
+        if not self.padding_free:
+            return None
+        return pack_completions(
+            samples.prompt_ids, samples.prompt_mask, samples.completion_ids,
+            samples.completion_mask, num_samples, self.max_length,
+        )  # fmt: skip
+
+    def token_logps(
+        self, model: nn.Module, samples: TokenBatch, packed: PackedBatch | None = None
+    ) -> torch.Tensor:
+        """``[N, T]`` log-probs of ``samples``' completion tokens under ``model`` (masked
+        entries 0), from ``packed`` when given."""
+        if packed is not None:
+            return packed_token_logps(model, packed)
+        return completion_token_logps(
+            model, samples.prompt_ids, samples.prompt_mask, samples.completion_ids,
+            samples.completion_mask, self.max_length,
+        )  # fmt: skip
+
+    def reference_logps(
+        self, reference: nn.Module, samples: TokenBatch, packed: PackedBatch | None = None
+    ) -> torch.Tensor:
+        """:meth:`token_logps` under the frozen ``reference``, without autograd, as a normal
+        tensor (the loss's graph may use it)."""
+        with torch.inference_mode():
+            logps = self.token_logps(reference, samples, packed)
+        return logps.clone()

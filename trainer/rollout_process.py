@@ -2,8 +2,9 @@
 
 A thread that samples beside the update shares the trainer's GIL, and on CPU a small model's
 generation is mostly Python: the two take turns instead of overlapping. Here a forked process
-samples the next batch while the trainer updates (the trainer keeps the reference forward:
-sampling is the longer half of a step).
+samples the next batch while the trainer updates; asked to, it also runs the reference model's
+log-prob pass on its samples (:class:`ReferencePass`), when sampling is the shorter half of a
+step (see ``trainer.rollouts.reference_in_rollout``).
 
 It samples with the trainer's own weights, not a copy: before the fork the policy's parameters
 and buffers move into shared memory (``nn.Module.share_memory``, in place; the trainer goes on
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import threading
 import time
 import traceback
@@ -41,8 +43,19 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainer.generation import Samples, Sampling, sample_completions
+from trainer.logprobs import LogProbPass
 
 START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """The reference pass, run by the rollout process after sampling: the frozen reference
+    model (never written, so the fork's copy-on-write pages stay shared) and how the
+    trainer computes log-probs."""
+
+    model: nn.Module
+    logprobs: LogProbPass
 
 
 # Messages, trainer -> rollout process.
@@ -56,6 +69,7 @@ class SampleRequest:
     prompt_mask: torch.Tensor
     num_samples: int
     seed: int
+    reference: bool = False  # also run the ReferencePass on the samples
 
 
 @dataclass(frozen=True)
@@ -73,9 +87,10 @@ class Ready:
 
 @dataclass(frozen=True)
 class Sampled:
-    """The answer to a :class:`SampleRequest`."""
+    """The answer to a :class:`SampleRequest` (with the reference's log-probs if asked)."""
 
     samples: Samples
+    sample_seconds: float  # sampling alone, without the reference pass
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,11 @@ class RolloutProcess:
     """
 
     def __init__(
-        self, policy: nn.Module, sampling: Sampling, trainer_num_threads: int | None = None
+        self,
+        policy: nn.Module,
+        sampling: Sampling,
+        trainer_num_threads: int | None = None,
+        reference: ReferencePass | None = None,
     ) -> None:
         policy.share_memory()
         release_free_heap()
@@ -127,7 +146,7 @@ class RolloutProcess:
         # The child's ``policy`` maps the same shared pages as the trainer's: no copy.
         self._process = ctx.Process(
             target=_rollout_process_main,
-            args=(child, self._conn, policy, sampling),
+            args=(child, self._conn, policy, sampling, reference),
             name="online-dpo-rollout",
             daemon=True,
         )
@@ -141,7 +160,7 @@ class RolloutProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
-    def sample(self, request: SampleRequest) -> Samples:
+    def sample(self, request: SampleRequest) -> Sampled:
         """Sample as requested; blocks (without the GIL) until the process answers."""
         with self._lock:
             self._wait_ready()
@@ -150,8 +169,8 @@ class RolloutProcess:
             except OSError as e:  # a dead process: broken pipe
                 raise self._died("sampling") from e
             match self._reply(None, "sampling"):
-                case Sampled(samples):
-                    return samples
+                case Sampled() as sampled:
+                    return sampled
                 case Failed(error):
                     raise RuntimeError(f"rollout process failed:\n{error}")
                 case other:
@@ -205,6 +224,7 @@ def _rollout_process_main(
     trainer_end: Connection,
     sampler: nn.Module,
     sampling: Sampling,
+    reference: ReferencePass | None,
 ) -> None:
     """The rollout process: one request at a time until :class:`Stop` or a closed pipe."""
     # Before any torch op: the OpenMP pool inherited from the parent is not usable here.
@@ -224,10 +244,18 @@ def _rollout_process_main(
                 return
             case SampleRequest() as request:
                 try:
+                    start = time.perf_counter()
                     samples = sample_completions(
                         sampler, request.prompt_ids, request.prompt_mask, sampling,
                         request.num_samples, seed=request.seed,
                     )  # fmt: skip
-                    conn.send(Sampled(samples))
+                    seconds = time.perf_counter() - start
+                    if request.reference and reference is not None:
+                        packed = reference.logprobs.pack(samples, request.num_samples)
+                        ref_logps = reference.logprobs.reference_logps(
+                            reference.model, samples, packed
+                        )
+                        samples = dataclasses.replace(samples, ref_logps=ref_logps)
+                    conn.send(Sampled(samples, seconds))
                 except Exception:
                     conn.send(Failed(traceback.format_exc()))

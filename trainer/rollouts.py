@@ -30,7 +30,7 @@ from transformers.trainer_utils import has_length
 
 from trainer.generation import Prompt, Samples, Sampling, sample_completions
 from trainer.rewards import RewardBatch
-from trainer.rollout_process import RolloutProcess, SampleRequest
+from trainer.rollout_process import ReferencePass, RolloutProcess, SampleRequest
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Timings:
 
     generate: float = 0.0  # sampling it, or waiting for the rollout sampled ahead
     score_wait: float = 0.0  # waiting for its rewards once the log-prob passes are done
+    reference: float = 0.0  # the reference pass in the step (0 if the rollout process ran it)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Rollout:
     rewards: Future[RewardBatch]  # each source's and the combined rewards, [K·B]
     policy_version: int  # global step of the weights that sampled it
     timings: Timings = field(default_factory=Timings)
+    ref_logps: torch.Tensor | None = None  # [K·B, T], if the rollout process computed them
 
     @property
     def num_samples(self) -> int:
@@ -101,6 +103,21 @@ def resolve_async_backend(
     return backend
 
 
+def reference_in_rollout(sampling_seconds: float, policy_seconds: float) -> bool:
+    """Should the rollout process run the reference pass (rather than the trainer's step)?
+
+    An async step takes as long as the longer of its two halves, which run side by side: the
+    trainer's forward and backward of the policy (F, ``policy_seconds``) and the rollout
+    process's sampling (G, ``sampling_seconds``). The reference pass (R) goes to the shorter:
+    ``max(G + R, F) < max(G, F + R)`` exactly when ``G < F``. Short completions of a large
+    policy leave sampling the shorter half; long ones, or a small policy whose sampling is
+    mostly per-token overhead, the longer. (Where both sides have as many intra-op threads,
+    as on 2 cores, both compute the same log-probs; elsewhere they may differ in the last
+    bits.)
+    """
+    return sampling_seconds < policy_seconds
+
+
 class AsyncRollouts:
     """The rollouts of async mode: each step's are sampled during the step before, with its
     weights (one step off-policy; only the run's first step samples its own).
@@ -121,6 +138,7 @@ class AsyncRollouts:
         num_samples: int,
         make_rollout: MakeRollout,
         trainer_num_threads: int | None = None,
+        reference: ReferencePass | None = None,
     ) -> None:
         self.backend = backend
         self._sampling = sampling
@@ -128,6 +146,11 @@ class AsyncRollouts:
         self._make_rollout = make_rollout
         # the trainer's intra-op threads beside the rollout process (None: the default rule)
         self._trainer_num_threads = trainer_num_threads
+        # Process backend: the reference pass it can run, whether the next requests ask it
+        # to (see balance), and how long the last request's sampling took.
+        self._reference = reference
+        self.reference_in_process = False
+        self._sampling_seconds: float | None = None
         self._pool: ThreadPoolExecutor | None = None
         # (prompts, rollout) in the order the steps take them
         self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
@@ -208,7 +231,9 @@ class AsyncRollouts:
             state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
             return partial(self._generate_in_thread, version, state)
         if self.process is None:  # it reads the weights in place from now on
-            self.process = RolloutProcess(policy, self._sampling, self._trainer_num_threads)
+            self.process = RolloutProcess(
+                policy, self._sampling, self._trainer_num_threads, self._reference
+            )
         return self._generate_in_process
 
     def _generate_in_thread(
@@ -231,7 +256,19 @@ class AsyncRollouts:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
     ) -> Samples:
         assert self.process is not None
-        return self.process.sample(SampleRequest(prompt_ids, prompt_mask, self._num_samples, seed))
+        request = SampleRequest(
+            prompt_ids, prompt_mask, self._num_samples, seed, self.reference_in_process
+        )
+        sampled = self.process.sample(request)
+        self._sampling_seconds = sampled.sample_seconds
+        return sampled.samples
+
+    def balance(self, policy_seconds: float) -> None:
+        """Place the reference pass of the rollouts requested from now on
+        (:func:`reference_in_rollout`), given the step's forward and backward of the policy
+        without a reference pass (``policy_seconds``) and the last request's sampling."""
+        if self._reference is not None and self._sampling_seconds is not None:
+            self.reference_in_process = reference_in_rollout(self._sampling_seconds, policy_seconds)
 
     def wait_for_sampling(self) -> None:
         """Wait until the queued rollouts are sampled (the process backend reads the weights

@@ -50,15 +50,7 @@ from trainer.generation import (
     tokenize_prompts,
     unwrapped_for_generation,
 )
-from trainer.logprobs import (
-    PackedBatch,
-    completion_token_logps,
-    contains_eos,
-    masked_sum,
-    pack_completions,
-    packed_token_logps,
-    resolve_padding_free,
-)
+from trainer.logprobs import LogProbPass, contains_eos, masked_sum, resolve_padding_free
 from trainer.losses import beta_for_epoch, dpo_losses, select_pairs
 from trainer.metrics import RewardEvents, StepRecord, step_metrics
 from trainer.models import end_of_completion_tokens, prepare_models
@@ -68,6 +60,7 @@ from trainer.rewards import (
     RewardSources,
     reward_metrics,
 )
+from trainer.rollout_process import ReferencePass
 from trainer.rollouts import (
     AsyncRollouts,
     Generate,
@@ -177,7 +170,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         )
         with unwrapped_for_generation(self.model, self.accelerator) as policy:
             on_cpu = args.device.type == "cpu"
-            self.padding_free = resolve_padding_free(policy, args.padding_free, on_cpu)
+            padding_free = resolve_padding_free(policy, args.padding_free, on_cpu)
+        self.logprob_pass = LogProbPass(padding_free, args.max_length)
         self.stats: dict[str, list[float]] = defaultdict(list)
         self._tokenizer_lock = threading.Lock()  # the rollout thread tokenizes too
         self.reward_events = RewardEvents(
@@ -190,13 +184,17 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         try:
             self.rewards.check()
             if args.async_generation:
+                backend = resolve_async_backend(
+                    args.async_generation_backend, args.device, self.accelerator.distributed_type
+                )
+                # The rollout process can run the reference pass of a separate reference
+                # model (not a PEFT policy's adapter switched off: that is the trainer's).
+                reference = None
+                if backend == "process" and self.ref_model is not None:
+                    reference = ReferencePass(self.ref_model, self.logprob_pass)
                 self.async_rollouts = AsyncRollouts(
-                    resolve_async_backend(
-                        args.async_generation_backend, args.device,
-                        self.accelerator.distributed_type,
-                    ),
-                    self.sampling, args.num_samples_per_prompt, self._rollout,
-                    args.async_trainer_num_threads,
+                    backend, self.sampling, args.num_samples_per_prompt, self._rollout,
+                    args.async_trainer_num_threads, reference,
                 )  # fmt: skip
                 self.add_callback(SamplingBarrier(self.async_rollouts))
         except BaseException:
@@ -267,9 +265,14 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             self._stop_on_model_change(e)
         total = time.perf_counter() - start
         spent = rollout.timings
+        forward_backward = total - spent.generate - spent.score_wait
         self.stats["time/generate"].append(spent.generate)
         self.stats["time/score_wait"].append(spent.score_wait)
-        self.stats["time/forward_backward"].append(total - spent.generate - spent.score_wait)
+        self.stats["time/forward_backward"].append(forward_backward)
+        if self.async_rollouts is not None and self.async_rollouts.process is not None:
+            in_process = rollout.ref_logps is not None
+            self.stats["async/reference_in_rollout"].append(float(in_process))
+            self.async_rollouts.balance(forward_backward - spent.reference)
         return loss
 
     # ------------------------------------------------------------------ rollouts
@@ -353,28 +356,17 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
 
     def _logps(self, model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the rollout's completions under ``model`` and under the
-        reference: with ``padding_free``, both passes over one packed batch."""
-        packed = None
-        if self.padding_free:
-            packed = pack_completions(
-                rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                rollout.completion_mask, rollout.num_samples, self.args.max_length,
-            )  # fmt: skip
-        ref, adapter_off = self._reference(model)
-        with adapter_off, torch.inference_mode():
-            ref_logps = self._token_logps(ref, rollout, packed)
-        # a normal tensor again: the loss's graph may use it
-        return self._token_logps(model, rollout, packed), ref_logps.clone()
-
-    def _token_logps(
-        self, model: nn.Module, rollout: Rollout, packed: PackedBatch | None
-    ) -> torch.Tensor:
-        if packed is not None:
-            return packed_token_logps(model, packed)
-        return completion_token_logps(
-            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-            rollout.completion_mask, self.args.max_length,
-        )  # fmt: skip
+        reference (with ``padding_free``, both passes over one packed batch). The rollout
+        process may have run the reference's already: they come with the rollout."""
+        packed = self.logprob_pass.pack(rollout, rollout.num_samples)
+        ref_logps = rollout.ref_logps
+        if ref_logps is None:
+            start = time.perf_counter()
+            ref, adapter_off = self._reference(model)
+            with adapter_off:
+                ref_logps = self.logprob_pass.reference_logps(ref, rollout, packed)
+            rollout.timings.reference = time.perf_counter() - start
+        return self.logprob_pass.token_logps(model, rollout, packed), ref_logps
 
     def _reference(self, model: nn.Module) -> tuple[nn.Module, AbstractContextManager]:
         """The reference model, or the policy plus a context that disables its adapter."""
