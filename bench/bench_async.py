@@ -63,27 +63,16 @@ def _worker_env(threads: int | None) -> dict[str, str]:
 
 def run_worker(opts: argparse.Namespace) -> None:
     """Train one mode in this process and write its measurements as JSON."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.step_clock import StepClock
     from common.demo_models import ensure_demo_models
     from trainer.config import OnlineDPOConfig
     from trainer.data import load_prompt_dataset
     from trainer.trainer import OnlineDPOTrainer
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.logs: list[dict[str, float]] = []
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "objective/scores" in logs:
-                self.logs.append(dict(logs))
-
     models = ensure_demo_models()
-    clock = Clock()
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         config = OnlineDPOConfig(
             output_dir=out,

@@ -73,8 +73,11 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     },
 }
 COMPARE = {"<=": operator.le, ">=": operator.ge}
-# What our trainer logs per step, to show where its time goes.
-TIMING_KEYS = ("time/generate", "time/score_wait", "time/forward_backward")
+# What our trainer logs per step, to show where its time goes (and, in async mode, the share
+# of steps whose reference pass the rollout process ran).
+TIMING_KEYS = (
+    "time/generate", "time/score_wait", "time/forward_backward", "async/reference_in_rollout",
+)  # fmt: skip
 
 
 def _worker_env() -> dict[str, str]:
@@ -172,22 +175,11 @@ def run_worker(opts: argparse.Namespace) -> None:
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        TrainerCallback,
     )
 
+    from bench.step_clock import StepClock
     from common.demo_models import ensure_demo_models
     from trainer.data import load_prompt_dataset
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.logs: list[dict[str, float]] = []
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            self.logs.append(dict(logs or {}))
 
     models = ensure_demo_models()
     torch.manual_seed(0)
