@@ -44,6 +44,17 @@ def test_client_and_reward_function_import_without_torch() -> None:
     assert json.loads(out.stdout) == []
 
 
+def test_the_trainer_imports_matplotlib_only_to_plot() -> None:
+    """matplotlib (~25 MiB of every trainer's memory) is imported by the reward-curve plot
+    alone, not by importing the trainer."""
+    code = "import sys\nimport trainer.trainer\nprint('matplotlib' in sys.modules)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_extras_of_the_project() -> None:
     """Base: httpx + pydantic. The service image gets no trainer stack, the trainer image no
     web server; ``all`` is their union (plus peft), ``test`` includes ``all`` and trl 1.16."""
