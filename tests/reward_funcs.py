@@ -102,3 +102,26 @@ def rank_calls(completions: list[Any], trainer_state: Any, **kwargs: Any) -> lis
         call = {"step": trainer_state.global_step + 1, "completions": completions}
         f.write(json.dumps(call) + "\n")
     return [0.0] * len(completions)
+
+
+def logs_words(
+    completions: list[Any], log_extra: Any, log_metric: Any, **kwargs: Any
+) -> list[float]:
+    """Logs each completion's word count (``log_extra`` column ``words``) and their mean
+    (``log_metric`` ``words/mean``) through TRL's callbacks; 0.0 for every completion."""
+    words = [len(completion_text(c).split()) for c in completions]
+    log_extra("words", words)
+    log_metric("words/mean", sum(words) / len(words))
+    return [0.0] * len(completions)
+
+
+def logs_one_value_too_few(completions: list[Any], log_extra: Any, **kwargs: Any) -> list[float]:
+    log_extra("words", [1] * (len(completions) - 1))
+    return [0.0] * len(completions)
+
+
+def without_kwargs(
+    prompts: list[Any], completions: list[Any], completion_ids: list[Any], trainer_state: Any
+) -> list[float]:
+    """TRL's four arguments and nothing else: called without the logging callbacks."""
+    return [1.0] * len(completions)

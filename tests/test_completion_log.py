@@ -17,7 +17,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from trainer.completion_log import COMPLETIONS_FILE, CompletionLog, completion_records
+from trainer.completion_log import (
+    COMPLETIONS_FILE,
+    CompletionLog,
+    completion_records,
+    table_rows,
+)
 from trainer.losses import select_pairs
 
 pytestmark = pytest.mark.slow
@@ -72,6 +77,22 @@ def test_records_group_each_prompts_samples_with_rewards_and_pair() -> None:
     ]
     with pytest.raises(ValueError, match="the pair of prompt 0 is not among its samples"):
         completion_records(4, PROMPTS, COMPLETIONS, REWARDS, COMBINED, [1, 1], [0, 1])
+
+
+def test_log_extra_columns_go_into_the_records_and_the_table() -> None:
+    """Columns reward functions added with TRL's ``log_extra`` (per sample) follow each
+    prompt's samples in the record and come after the combined reward in the table; a batch
+    that did not log a column has None there."""
+    pairs = select_pairs(torch.tensor(COMBINED), 3)
+    words = [2, 2, 2, 4, 2, 2]
+    args = (PROMPTS, COMPLETIONS, REWARDS, COMBINED, pairs.chosen.tolist(), pairs.rejected.tolist())
+    records = completion_records(4, *args, extra={"words": words})
+    assert [r["extra"] for r in records] == [{"words": [2, 2, 2]}, {"words": [2, 4, 2]}]
+    columns, rows = table_rows([*records, *completion_records(4, *args)])
+    assert columns == [
+        "step", "prompt", "completion", "reward", "answer_check", "combined", "words", "pair",
+    ]  # fmt: skip
+    assert [row[6] for row in rows] == [2, 2, 2, 2, 4, 2] + [None] * 6
 
 
 def test_flush_appends_the_latest_steps_records_and_prints_a_table(tmp_path: Path) -> None:

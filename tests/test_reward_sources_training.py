@@ -417,13 +417,21 @@ def test_log_completions_writes_jsonl_prints_and_logs_a_wandb_table(
     console shows a table; the offline W&B run directory holds the completions table."""
     trainer = make(
         demo_models, tmp_path, None, log_completions=True, num_completions_to_print=1,
-        report_to=["wandb"], reward_funcs=[services[0], "trainer.rules:brevity_reward"],
+        report_to=["wandb"],
+        reward_funcs=[services[0], "trainer.rules:brevity_reward", "tests.reward_funcs:logs_words"],
     )  # fmt: skip
     with trainer:
         trainer.train()
     records = [
         json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()
     ]
+    # TRL's log_extra column is in each record, its log_metric in the step's metrics.
+    for record in records:
+        assert record["extra"]["words"] == [len(c.split()) for c in record["completions"]]
+    metrics = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    for row in metrics:
+        words = [w for r in records if r["step"] == row["step"] for w in r["extra"]["words"]]
+        assert row["words/mean"] == pytest.approx(sum(words) / len(words))
     assert [r["step"] for r in records] == [1, 1, 2, 2]
     for record, (rewards, pairs, scored, completions) in zip(
         records[::2], trainer.recorded, strict=True
@@ -435,3 +443,4 @@ def test_log_completions_writes_jsonl_prints_and_logs_a_wandb_table(
     assert "Step 2" in capsys.readouterr().out
     tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/completions_*.table.json"))
     assert len(tables) == 2, list(tmp_path.rglob("*"))
+    assert "words" in json.loads(tables[0].read_text())["columns"]

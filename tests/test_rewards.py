@@ -37,6 +37,7 @@ from trainer.reward_specs import (
     RewardConfigError,
     ServiceSpec,
     check_columns,
+    logging_arguments,
     parse_reward_sources,
     resolve_weights,
 )
@@ -244,6 +245,12 @@ def test_signatures_are_checked_against_the_dataset_columns() -> None:
         check_columns(strict, ["prompt", "answer"])
     with pytest.raises(RewardConfigError, match=r"column\(s\) \['completions'\] have the names"):
         check_columns(specs, ["prompt", "completions"])
+    with pytest.raises(RewardConfigError, match=r"column\(s\) \['log_metric'\] have the names"):
+        check_columns(specs, ["prompt", "log_metric"])
+    # TRL's logging callbacks: given to a function that names them or takes **kwargs.
+    assert logging_arguments(funcs.logs_one_value_too_few) == ("log_extra", "log_metric")
+    assert logging_arguments(funcs.without_kwargs) == ()
+    assert check_columns(parse_reward_sources([funcs.without_kwargs]), ["prompt"]) == []
 
 
 # ----------------------------------------------------------------------------- config + CLI
@@ -431,7 +438,10 @@ def test_functions_get_trl_arguments_and_columns_per_sample(services: tuple[str,
             prompts, completions, ids, columns=columns, trainer_state=state, step=3
         ).result(60)
     call = funcs.LAST_CALL
-    assert set(call) == {"prompts", "completions", "completion_ids", "trainer_state", "answer"}
+    assert set(call) == {
+        "prompts", "completions", "completion_ids", "trainer_state", "answer", "log_extra",
+        "log_metric",
+    }  # fmt: skip
     assert call["prompts"] == prompts and call["completions"] == completions
     assert call["completion_ids"] == ids and call["trainer_state"] is state
     assert call["answer"] == columns["answer"]
@@ -492,6 +502,29 @@ def test_a_bad_function_answer_stops_naming_function_and_step(
         sources.check()
         future = sources.submit(*samples(), step=9)
         with pytest.raises(RewardFunctionError, match=message):
+            future.result(60)
+
+
+def test_functions_log_metrics_and_table_columns_with_trls_callbacks(
+    services: tuple[str, str],
+) -> None:
+    """TRL's ``log_metric`` and ``log_extra`` (grpo_trainer.py ``_log_metric``,
+    ``_log_completion_extra``): a metric's mean per batch, a column with one value per
+    sample; a function that takes neither is called without them; a column of the wrong
+    length stops naming it and the step."""
+    a, _ = services
+    specs = parse_reward_sources([a, funcs.logs_words, funcs.without_kwargs])
+    with RewardSources(specs) as sources:
+        sources.check()
+        batch = sources.submit(*samples(), step=5).result(60)
+    words = [len(c.split()) for c in COMPLETIONS]
+    assert batch.logged_extra == {"words": words}
+    assert batch.logged_metrics == {"words/mean": pytest.approx(sum(words) / len(words))}
+    assert batch.per_source[:, 2].tolist() == [1.0] * len(COMPLETIONS)
+    with RewardSources(parse_reward_sources([funcs.logs_one_value_too_few])) as sources:
+        sources.check()
+        future = sources.submit(*samples(), step=5)
+        with pytest.raises(RewardFunctionError, match=r"column 'words' got 11 values at step 5"):
             future.result(60)
 
 

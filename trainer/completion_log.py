@@ -44,10 +44,12 @@ def completion_records(
     chosen: Sequence[int],
     rejected: Sequence[int],
     columns: Mapping[str, Sequence[Any]] | None = None,
+    extra: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per prompt from the trainer's ``K·B`` samples (block layout: sample ``k`` of
     prompt ``i`` is ``k·B + i``). ``prompts`` and ``columns`` are per prompt; ``rewards`` (per
-    source), ``combined`` and ``completions`` per sample; ``chosen`` / ``rejected`` are each
+    source), ``combined``, ``completions`` and ``extra`` (the columns reward functions added
+    with TRL's ``log_extra``) per sample; ``chosen`` / ``rejected`` are each
     prompt's sample indices into the ``K·B`` samples (as ``select_pairs`` gives them). In the
     record, ``chosen`` / ``rejected`` index the prompt's ``completions``."""
     batch = len(prompts)
@@ -72,6 +74,8 @@ def completion_records(
         }
         if columns:
             record["columns"] = {name: values[i] for name, values in columns.items()}
+        if extra:
+            record["extra"] = {name: [values[s] for s in samples] for name, values in extra.items()}
         records.append(record)
     return records
 
@@ -83,10 +87,19 @@ def text_of(value: Prompt | Any) -> str:
     return str(value)
 
 
+def _extra_value(record: Mapping[str, Any], column: str, k: int) -> Any:
+    """The record's ``log_extra`` value of ``column`` for its completion ``k`` (None if the
+    column was not logged for this batch)."""
+    values = record.get("extra", {}).get(column)
+    return None if values is None else values[k]
+
+
 def table_rows(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Columns and rows of the completions table: one row per completion."""
     names = list(records[0]["rewards"]) if records else []
-    columns = ["step", "prompt", "completion", *names, COMBINED_COLUMN, "pair"]
+    # log_extra's columns (a function may log one in some batches only)
+    extra = list(dict.fromkeys(name for r in records for name in r.get("extra", {})))
+    columns = ["step", "prompt", "completion", *names, COMBINED_COLUMN, *extra, "pair"]
     rows = []
     for record in records:
         for k, completion in enumerate(record["completions"]):
@@ -102,6 +115,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
                     text_of(completion),
                     *(record["rewards"][n][k] for n in names),
                     record["reward"][k],
+                    *(_extra_value(record, name, k) for name in extra),
                     pair,
                 ]
             )

@@ -33,6 +33,8 @@ from common.client import split_urls
 
 # The keyword arguments of every reward-function call (TRL's names).
 CALL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+# TRL's logging callbacks, passed to the functions that take them (by name or **kwargs).
+LOGGING_ARGUMENTS = ("log_extra", "log_metric")
 # Dataset columns TRL does not pass to reward functions.
 NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
 MODEL_CHANGE_POLICIES = ("warn", "stop")
@@ -144,7 +146,7 @@ def check_call_signature(spec: FunctionSpec, columns: Collection[str] | None = N
             f"reward function {spec.label}: its signature cannot be inspected ({e}); wrap it "
             "in a def taking prompts, completions, completion_ids, trainer_state, **kwargs"
         ) from e
-    arguments = dict.fromkeys(CALL_ARGUMENTS)
+    arguments = dict.fromkeys(CALL_ARGUMENTS + logging_arguments(spec.func))
     if columns is not None:
         arguments.update(dict.fromkeys(columns))
     try:
@@ -163,6 +165,18 @@ def check_call_signature(spec: FunctionSpec, columns: Collection[str] | None = N
         ) from e
 
 
+def logging_arguments(func: RewardFunction) -> tuple[str, ...]:
+    """Which of TRL's logging callbacks ``func`` is given: both if it takes ``**kwargs``,
+    else those it names (TRL passes both always; a function without them is still called)."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return LOGGING_ARGUMENTS
+    return tuple(name for name in LOGGING_ARGUMENTS if name in parameters)
+
+
 def _bare(signature: inspect.Signature) -> inspect.Signature:
     """The signature without annotations (shorter in messages)."""
     empty = inspect.Parameter.empty
@@ -176,7 +190,7 @@ def check_columns(specs: Sequence[SourceSpec], columns: Collection[str]) -> list
     """The dataset columns passed to reward functions (all but TRL's excluded ones), after
     checking every function's signature against them and that none shadows a call argument."""
     passed = sorted(c for c in columns if c not in NOT_COLUMNS)
-    clashing = sorted(set(passed) & set(CALL_ARGUMENTS))
+    clashing = sorted(set(passed) & set(CALL_ARGUMENTS + LOGGING_ARGUMENTS))
     if clashing and any(isinstance(s, FunctionSpec) for s in specs):
         raise RewardConfigError(
             f"dataset column(s) {clashing} have the names of reward-function arguments; rename them"

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
@@ -38,6 +38,7 @@ from trainer.reward_specs import (
     ServiceSpec,
     SourceSpec,
     check_columns,
+    logging_arguments,
     parse_reward_sources,
     resolve_weights,
 )
@@ -261,6 +262,9 @@ class RewardBatch:
     per_source: torch.Tensor
     combined: torch.Tensor
     spans: dict[str, tuple[float, float]]
+    # What the functions logged: each log_metric name's mean, each log_extra column per sample.
+    logged_metrics: dict[str, float] = field(default_factory=dict)
+    logged_extra: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -279,6 +283,42 @@ class RewardBatch:
         }
 
 
+class FunctionLogs:
+    """What the functions of one request log through TRL's callbacks: ``log_metric(name,
+    value)``, a scalar averaged into the step's metrics, and ``log_extra(column, values)``, a
+    value per sample for the completions table. Thread-safe: the functions run at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        with self._lock:
+            self.metrics.setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        with self._lock:
+            self.extra.setdefault(column, []).extend(values)
+
+    def callbacks(self, names: Sequence[str]) -> dict[str, Callable[..., None]]:
+        """The callbacks called ``names`` (of ``log_extra``, ``log_metric``)."""
+        return {name: getattr(self, name) for name in names}
+
+    def results(self, num_samples: int, step: int) -> tuple[dict[str, float], dict[str, list[Any]]]:
+        """Each metric's mean and each extra column; a column of another length than the
+        batch is an error naming it and the step."""
+        with self._lock:
+            for column, values in self.extra.items():
+                if len(values) != num_samples:
+                    raise RewardFunctionError(
+                        f"log_extra column {column!r} got {len(values)} values at step {step}, "
+                        f"but the batch has {num_samples} samples"
+                    )
+            means = {name: sum(v) / len(v) for name, v in self.metrics.items()}
+            return means, {column: list(values) for column, values in self.extra.items()}
+
+
 @dataclass(frozen=True)
 class _Request:
     prompts: list[Prompt]
@@ -287,10 +327,12 @@ class _Request:
     columns: dict[str, list[Any]]
     trainer_state: Any
     step: int
+    logs: FunctionLogs = field(default_factory=FunctionLogs)
 
-    def function_kwargs(self) -> dict[str, Any]:
+    def function_kwargs(self, logging: Sequence[str] = ()) -> dict[str, Any]:
         """TRL's call: conversational prompts as messages, then completions as one assistant
-        message each; every list its own copy (the functions run at the same time)."""
+        message each; every list its own copy (the functions run at the same time); the
+        ``logging`` callbacks the function takes."""
         if self.prompts and is_conversational(self.prompts[0]):
             completions: list[Any] = [
                 [{"role": "assistant", "content": c}] for c in self.completions
@@ -303,6 +345,7 @@ class _Request:
             "completions": completions,
             "completion_ids": [list(ids) for ids in self.completion_ids],
             "trainer_state": self.trainer_state,
+            **self.logs.callbacks(logging),
         }
 
 
@@ -340,6 +383,12 @@ class RewardSources:
             ]
         )
         self._max_items: dict[int, int] = {}
+        # The logging callbacks each function takes (TRL's log_extra, log_metric).
+        self._logging = {
+            i: logging_arguments(spec.func)
+            for i, spec in enumerate(self.specs)
+            if isinstance(spec, FunctionSpec)
+        }
         self._checked = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -535,14 +584,15 @@ class RewardSources:
         combined = combine_rewards(
             per_source, self.weights, step=request.step, prompts=request.prompts
         )
-        return RewardBatch(tuple(self.names), per_source, combined, spans)
+        metrics, extra = request.logs.results(len(request.completions), request.step)
+        return RewardBatch(tuple(self.names), per_source, combined, spans, metrics, extra)
 
     async def _source(self, index: int, request: _Request) -> list[float]:
         spec = self.specs[index]
         name = self.names[index]
         if isinstance(spec, ServiceSpec):
             return await self._service(index, request)
-        kwargs = request.function_kwargs()
+        kwargs = request.function_kwargs(self._logging[index])
         try:
             if spec.is_async:
                 values = await spec.func(**kwargs)

@@ -247,7 +247,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             self.completion_log.add(
                 self.state.global_step + 1, rollout.prompts, rollout.completions,
                 scored.by_source(), rewards.tolist(), pairs.chosen.tolist(),
-                pairs.rejected.tolist(),
+                pairs.rejected.tolist(), extra=scored.logged_extra,
             )  # fmt: skip
         return loss
 
@@ -448,6 +448,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         scored = step.rollout.rewards.result()
         per_source = self.accelerator.gather(scored.per_source.to(step.rewards.device))
         for name, value in reward_metrics(per_source, scored.names).items():
+            self.stats[name].append(value)
+        for name, value in scored.logged_metrics.items():  # log_metric: this rank's
             self.stats[name].append(value)
         self.stats["beta"].append(step.beta)
         self.stats["reward/model_changes"].append(float(self.rewards.policy.total_changes))
