@@ -102,13 +102,13 @@ def test_reward_curve_png(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
-@pytest.mark.slow
-def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
-    out = tmp_path / "demo"
+def run_demo(demo_models: DemoModels, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``online-dpo demo`` (``python -m trainer demo``) on 4 prompts a step, 1 eval sample,
+    writing into ``out``; fails the test unless it exits 0."""
     proc = subprocess.run(
         [
-            sys.executable, "-m", "trainer", "demo", "--output-dir", str(out),
-            "--max-steps", "3", "--batch-size", "4", "--eval-samples", "1",
+            sys.executable, "-m", "trainer", "demo", "--output-dir", str(out), *args,
+            "--batch-size", "4", "--eval-samples", "1",
             "--cache-dir", str(demo_models.root.parent),
         ],
         capture_output=True,
@@ -117,6 +117,13 @@ def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_short_demo_run(tmp_path: Path, demo_models: DemoModels) -> None:
+    out = tmp_path / "demo"
+    proc = run_demo(demo_models, out, "--max-steps", "3")
     assert re.search(r"mean reward \(reward service\)\s+-?\d+\.\d+\s+-?\d+\.\d+", proc.stdout)
     assert "before" in proc.stdout and "after" in proc.stdout
     train = [r for r in read_metrics(out / "metrics.jsonl") if "objective/scores" in r]
@@ -135,18 +142,7 @@ def test_short_demo_with_rule_shows_each_source(tmp_path: Path, demo_models: Dem
     the combined reward, each source's mean and the completions' length; the metrics log
     each source."""
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "trainer", "demo", "--output-dir", str(out), "--with-rule",
-            "--max-steps", "2", "--batch-size", "4", "--eval-samples", "1",
-            "--cache-dir", str(demo_models.root.parent),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_demo(demo_models, out, "--with-rule", "--max-steps", "2")
     number = r"\s+-?\d+\.\d+\s+-?\d+\.\d+"
     for row in ("mean combined reward", r"reward \(weight 1\)", r"brevity_reward \(weight 0\.5\)",
                 "words per completion"):  # fmt: skip

@@ -9,7 +9,6 @@ which sample was chosen and which rejected), printed as a small ``rich`` table, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -122,14 +121,6 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
     return columns, rows
 
 
-def _wants(report_to: Sequence[str] | str | None, name: str) -> bool:
-    """Whether ``report_to`` names the integration (``"all"``: when it is installed)."""
-    if report_to is None:
-        return False
-    targets = [report_to] if isinstance(report_to, str) else list(report_to)
-    return name in targets or ("all" in targets and importlib.util.find_spec(name) is not None)
-
-
 class CompletionLog:
     """Buffers the latest step's records (:meth:`add`, every micro-batch) and writes them at
     each logging step (:meth:`flush`). Only the main process writes; elsewhere every method
@@ -141,9 +132,10 @@ class CompletionLog:
         *,
         is_main_process: bool,
         num_completions_to_print: int | None = None,
-        report_to: Sequence[str] | str | None = None,
+        report_to: Sequence[str] = (),
         console: Console | None = None,
     ) -> None:
+        # report_to as TrainingArguments leaves it: a list, "all" and "none" already expanded.
         self.path = Path(output_dir) / COMPLETIONS_FILE
         self.is_main_process = is_main_process
         self.num_completions_to_print = num_completions_to_print
@@ -230,12 +222,12 @@ class CompletionLog:
     def log_table(self, columns: list[str], rows: list[list[Any]]) -> None:
         """``{"completions": Table}`` to W&B (when its run is active) and Trackio, as TRL does,
         when they are in ``report_to``."""
-        if _wants(self.report_to, "wandb"):
+        if "wandb" in self.report_to:
             import wandb
 
             if wandb.run is not None:
                 wandb.log({TABLE_KEY: wandb.Table(columns=columns, data=rows)})
-        if _wants(self.report_to, "trackio"):
+        if "trackio" in self.report_to:
             import pandas as pd
             import trackio
 
