@@ -73,10 +73,12 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     },
 }
 COMPARE = {"<=": operator.le, ">=": operator.ge}
-# What our trainer logs per step, to show where its time goes (and, in async mode, the share
-# of steps whose reference pass the rollout process ran).
+# What our trainer logs per step, to show where its time goes (and, in async mode, the
+# optimizer step's wait for the next rollout and the share of prompts whose reference pass the
+# rollout process ran).
 TIMING_KEYS = (
-    "time/generate", "time/score_wait", "time/forward_backward", "async/reference_in_rollout",
+    "time/generate", "time/score_wait", "time/forward_backward", "time/sampling_wait",
+    "async/reference_in_rollout",
 )  # fmt: skip
 
 

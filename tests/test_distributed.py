@@ -30,7 +30,7 @@ from trainer.checkpoint import STAGING_DIR
 from trainer.cli import main as cli_main
 from trainer.losses import dpo_losses
 from trainer.metrics import StepRecord
-from trainer.rollouts import reference_in_rollout
+from trainer.rollouts import reference_split
 from trainer.trainer import OnlineDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,10 +284,17 @@ class ProbedPolicy(LlamaForCausalLM):
     """A policy whose ``generate`` first notes its process and intra-op threads in ``probe``
     (a file: the rollout process is another process) and, for up to ``watch`` s, waits for
     its weights to change (fault injection: sampling slow enough for an optimizer step that
-    is not held back to overtake it)."""
+    is not held back to overtake it); its forward passes with autograd on (the trainer's
+    policy pass) take ``train_delay`` s longer."""
 
     probe: Path | None = None
     watch = 0.0
+    train_delay = 0.0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():  # the trainer's policy pass (sampling and reference: no)
+            time.sleep(self.train_delay)
+        return super().forward(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         if self.probe is not None:
@@ -309,7 +316,7 @@ def probed_trainer(
     kw = {"async_generation": True, "async_generation_backend": "process", **kw}
     return RecordingTrainer(
         policy_class.from_pretrained(demo_models.policy),
-        args=tiny_config(output_dir, url, max_steps=4, **kw),
+        args=tiny_config(output_dir, url, **{"max_steps": 4, **kw}),
         processing_class=AutoTokenizer.from_pretrained(demo_models.policy, padding_side="left"),
         train_dataset=prompts(demo_models, 16),
         callbacks=[MetricsJsonlCallback()],
@@ -343,29 +350,46 @@ def test_async_process_optimizer_step_waits_for_the_rollout_in_flight(
 
 
 @pytest.mark.unit
-def test_the_reference_pass_goes_to_the_shorter_half() -> None:
-    """With sampling G and the policy's forward and backward F side by side, the reference
-    pass R goes where the step (the longer half) is shorter: max(G + R, F) vs max(G, F + R)."""
-    grid = [0.05, 0.3, 0.9, 1.0, 1.1, 2.5]
-    for g, f, r in itertools.product(grid, grid, grid):
-        in_rollout, in_trainer = max(g + r, f), max(g, f + r)
-        if in_rollout != in_trainer:
-            assert reference_in_rollout(g, f) == (in_rollout < in_trainer), (g, f, r)
+def test_the_reference_split_evens_the_halves_of_the_step() -> None:
+    """A step's halves: the trainer's F plus the reference pass of the prompts it keeps
+    (c_t each), the rollout's G plus those it runs (c_r each), ``rollouts`` times a step.
+    From any split, one full correction lands where the halves are even (clamped to 0..B),
+    and rounded that is within one prompt's cost of the best whole split; a gain of 1/4 goes
+    a quarter of the way."""
+    b = 8
+    grid = [0.05, 0.3, 1.0, 2.5]
+    cases = itertools.product(grid, grid, [0.01, 0.05], [0.01, 0.04], [1, 3])
+    for g, f, c_t, c_r, rollouts in cases:
+
+        def halves(n: float) -> tuple[float, float]:
+            return f + rollouts * (b - n) * c_t, g + rollouts * n * c_r  # noqa: B023
+
+        even = min(b, max(0.0, (f + rollouts * b * c_t - g) / (rollouts * (c_t + c_r))))
+        best = min(max(halves(n)) for n in range(b + 1))
+        for current in (0.0, 3.0, 8.0):
+            trainer, rollout = halves(current)
+            split = reference_split(current, b, trainer - rollout, c_t, c_r, rollouts)
+            assert split == pytest.approx(even)
+            assert max(halves(round(split))) <= best + rollouts * max(c_t, c_r) + 1e-9
+            damped = reference_split(current, b, trainer - rollout, c_t, c_r, rollouts, gain=0.25)
+            unclamped = current + 0.25 * (trainer - rollout) / (rollouts * (c_t + c_r))
+            assert damped == pytest.approx(min(b, max(0.0, unclamped)))
 
 
-@pytest.mark.parametrize("in_rollout", [False, True], ids=["trainer", "rollout"])
+@pytest.mark.parametrize("pinned", [0, 2, 4], ids=["trainer", "split", "rollout"])
 @pytest.mark.slow
 def test_the_rollout_process_runs_the_reference_pass_with_the_trainers_numbers(
     demo_models: Any,
     reward_service: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    in_rollout: bool,
+    pinned: int,
 ) -> None:
-    """Placed in the rollout process (the rule pinned for the test), the reference pass gives
-    the numbers the trainer's own pass gives (one intra-op thread on both sides), from the
-    first request placed after a measured step: the third step's."""
-    monkeypatch.setattr(rollouts_module, "reference_in_rollout", lambda g, f: in_rollout)
+    """With the split pinned for the test (none, 2 or all of 4 prompts' reference pass in the
+    rollout process), training gives the numbers of the thread backend, where the trainer
+    runs every pass (one intra-op thread on both sides), from the first request placed after
+    a measured step: the third step's."""
+    monkeypatch.setattr(rollouts_module, "reference_split", lambda *args, **kwargs: pinned)
     records = []
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -382,10 +406,37 @@ def test_the_rollout_process_runs_the_reference_pass_with_the_trainers_numbers(
         torch.set_num_threads(before)
     keys = ("loss", "objective/scores", "objective/kl", "logps/chosen")
     thread, process = ([{k: r[k] for k in keys} for r in run] for run in records)
-    assert len(thread) == 4 and thread == process
+    assert len(thread) == 4
+    for ours, theirs in zip(process, thread, strict=True):
+        assert ours == pytest.approx(theirs, rel=0, abs=1e-6)
+    if pinned in (0, 4):  # the same passes over the same batches: the same bits
+        assert process == thread
     placed = [r["async/reference_in_rollout"] for r in records[1]]
-    assert placed == ([0.0, 0.0, 1.0, 1.0] if in_rollout else [0.0] * 4)
+    assert placed == [0.0, 0.0, pinned / 4, pinned / 4]
+    assert all(r["time/sampling_wait"] >= 0 for r in records[1][1:])
     assert all("async/reference_in_rollout" not in r for r in records[0])
+
+
+@pytest.mark.parametrize(
+    ("slowed", "start", "settled"), [("policy pass", 0.0, 1.0), ("sampling", 4.0, 0.0)]
+)
+@pytest.mark.slow
+def test_the_reference_pass_moves_to_the_shorter_half(
+    demo_models: Any, reward_service: str, tmp_path: Path, slowed: str, start: float, settled: float
+) -> None:
+    """With the trainer's policy pass 0.4 s slower, the reference pass of every prompt moves
+    into the rollout process; with sampling 0.4 s slower, all of it (placed there to begin
+    with) moves back to the trainer: from the third step on, the first placed by a measured
+    step."""
+    probe = {"train_delay": 0.4} if slowed == "policy pass" else {"watch": 0.4}
+    trainer = probed_trainer(demo_models, tmp_path, reward_service, probe, max_steps=5)
+    trainer.async_rollouts.reference_prompts = start
+    trainer.train()
+    placed = [r["async/reference_in_rollout"] for r in train_records(tmp_path)]
+    assert placed == [start / 4] * 2 + [settled] * 3
+    waits = [r["time/sampling_wait"] for r in train_records(tmp_path)]
+    # The last step has no next rollout to wait for.
+    assert (min(waits[:-1]) > 0.3) == (slowed == "sampling"), waits
 
 
 @pytest.mark.parametrize("wanted", [None, 2])

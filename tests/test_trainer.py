@@ -33,9 +33,12 @@ from tests.support import TIMING_NAMES, TRL_METRIC_NAMES, make_trainer, tiny_con
 from trainer.config import OnlineDPOConfig
 from trainer.logprobs import (
     LogProbPass,
+    TokenRows,
     completion_token_logps,
+    join_prompt_rows,
     pack_completions,
     packed_token_logps,
+    prompt_rows,
     truncate_after_eos,
 )
 from trainer.scoring import score_items
@@ -560,6 +563,43 @@ def test_padding_free_log_probs_and_gradients_equal_the_padded_pass(
     scale = max(g.abs().max().item() for g in padded_grads)
     for a, b in zip(packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_a_reference_pass_split_between_prompts_gives_the_whole_pass(
+    demo_models: DemoModels, padding_free: bool
+) -> None:
+    """The reference's log-probs of the first prompts' samples, computed apart (as the rollout
+    process does), completed with the other prompts' (as the trainer does), are those of one
+    pass over the whole batch, for every split: none, some, all."""
+    tok = tokenizer(demo_models)
+    batch = tok(PROMPTS * 2, padding=True, padding_side="left", add_special_tokens=False,
+                return_tensors="pt")  # fmt: skip
+    completion, mask = truncate_after_eos(
+        completion_ids(tok, COMPLETIONS), [tok.eos_token_id], tok.pad_token_id
+    )
+    samples = TokenRows(batch["input_ids"], batch["attention_mask"], completion, mask)
+    passes, model = LogProbPass(padding_free, 512), policy(demo_models)
+    whole = passes.reference_logps(model, samples, passes.pack(samples, 2))
+    for first in range(len(PROMPTS) + 1):
+        done = None
+        if first:
+            part = TokenRows.of_prompts(samples, 2, range(first))
+            assert part.completion_ids.shape[0] == 2 * first
+            done = passes.reference_logps(model, part, passes.pack(part, 2))
+        split = passes.complete_reference(model, samples, 2, done, passes.pack(samples, 2))
+        torch.testing.assert_close(split * mask, whole * mask, rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_prompt_rows_are_the_block_layouts_rows_of_those_prompts() -> None:
+    """Of 4 prompts x 2 samples (sample k of prompt i at row 4k + i), prompts 1-2 are rows
+    1, 2, 5, 6; two consecutive ranges joined give the rows back in place."""
+    rows = torch.arange(8).unsqueeze(1) * 10
+    assert prompt_rows(rows, 2, range(1, 3)).flatten().tolist() == [10, 20, 50, 60]
+    for first in range(5):
+        parts = prompt_rows(rows, 2, range(first)), prompt_rows(rows, 2, range(first, 4))
+        assert torch.equal(join_prompt_rows(*parts, 2), rows)
 
 
 @pytest.mark.unit

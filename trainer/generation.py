@@ -113,7 +113,8 @@ class Samples:
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor  # [K·B, T], padding after the first EOS
     completion_mask: torch.Tensor
-    # [K·B, T]: the reference's per-token log-probs, where the sampler computed them too
+    # [K·n, T]: the reference's per-token log-probs of the first n prompts' samples (block
+    # layout), where the sampler computed them too
     ref_logps: torch.Tensor | None = None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -280,6 +281,38 @@ class TokenBatch(Protocol):
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    """A :class:`TokenBatch` made of some prompts' rows of another (:meth:`of_prompts`)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    @classmethod
+    def of_prompts(cls, batch: TokenBatch, num_samples: int, prompts: range) -> TokenRows:
+        """The rows of ``batch``'s prompts ``prompts`` (all ``num_samples`` of each)."""
+        rows = partial(prompt_rows, num_samples=num_samples, prompts=prompts)
+        return cls(
+            rows(batch.prompt_ids), rows(batch.prompt_mask), rows(batch.completion_ids),
+            rows(batch.completion_mask),
+        )  # fmt: skip
+
+
+def prompt_rows(x: torch.Tensor, num_samples: int, prompts: range) -> torch.Tensor:
+    """The rows of the prompts ``prompts`` (indices ``i``, all ``K`` samples of each) of a
+    ``[K·B, ...]`` tensor in block layout: ``[K·len(prompts), ...]``, in block layout."""
+    return x.unflatten(0, (num_samples, -1))[:, prompts.start : prompts.stop].flatten(0, 1)
+
+
+def join_prompt_rows(first: torch.Tensor, second: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The rows of two consecutive prompt ranges (block layout each) as one block-layout
+    tensor: :func:`prompt_rows` undone."""
+    parts = [x.unflatten(0, (num_samples, -1)) for x in (first, second)]
+    return torch.cat(parts, 1).flatten(0, 1)
+
+
+@dataclass(frozen=True)
 class LogProbPass:
     """How the step computes per-token log-probs of a :class:`TokenBatch`: packed into one
     row (``padding_free``) or padded, the prompt cut to fit ``max_length``. The trainer and
@@ -319,3 +352,25 @@ class LogProbPass:
         with torch.inference_mode():
             logps = self.token_logps(reference, samples, packed)
         return logps.clone()
+
+    def complete_reference(
+        self,
+        reference: nn.Module,
+        samples: TokenBatch,
+        num_samples: int,
+        done: torch.Tensor | None,
+        packed: PackedBatch | None = None,
+    ) -> torch.Tensor:
+        """The reference's log-probs of all ``samples`` (``[K·B, T]``), those of the first
+        prompts given (``done``: ``[K·n, T]``, computed by the rollout process; ``None``:
+        none). The other prompts' pass runs here, from ``packed`` (all of ``samples``
+        packed) when none were given."""
+        if done is None:
+            return self.reference_logps(reference, samples, packed)
+        num_prompts = samples.completion_ids.shape[0] // num_samples
+        first = done.shape[0] // num_samples
+        if first == num_prompts:
+            return done
+        rest = TokenRows.of_prompts(samples, num_samples, range(first, num_prompts))
+        computed = self.reference_logps(reference, rest, self.pack(rest, num_samples))
+        return join_prompt_rows(done, computed, num_samples)

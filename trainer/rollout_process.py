@@ -3,8 +3,8 @@
 A thread that samples beside the update shares the trainer's GIL, and on CPU a small model's
 generation is mostly Python: the two take turns instead of overlapping. Here a forked process
 samples the next batch while the trainer updates; asked to, it also runs the reference model's
-log-prob pass on its samples (:class:`ReferencePass`), when sampling is the shorter half of a
-step (see ``trainer.rollouts.reference_in_rollout``).
+log-prob pass on some of its prompts' samples (:class:`ReferencePass`), so that both halves of
+an async step take as long (see ``trainer.rollouts.reference_split``).
 
 It samples with the trainer's own weights, not a copy: before the fork the policy's parameters
 and buffers move into shared memory (``nn.Module.share_memory``, in place; the trainer goes on
@@ -43,16 +43,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainer.generation import Samples, Sampling, sample_completions
-from trainer.logprobs import LogProbPass
+from trainer.logprobs import LogProbPass, TokenRows
 
 START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class ReferencePass:
-    """The reference pass, run by the rollout process after sampling: the frozen reference
-    model (never written, so the fork's copy-on-write pages stay shared) and how the
-    trainer computes log-probs."""
+    """The reference pass, run by the rollout process after sampling (on the first prompts'
+    samples, as many as asked): the frozen reference model (never written, so the fork's
+    copy-on-write pages stay shared) and how the trainer computes log-probs."""
 
     model: nn.Module
     logprobs: LogProbPass
@@ -69,7 +69,7 @@ class SampleRequest:
     prompt_mask: torch.Tensor
     num_samples: int
     seed: int
-    reference: bool = False  # also run the ReferencePass on the samples
+    reference_prompts: int = 0  # also run the ReferencePass on the first prompts' samples
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Sampled:
     """The answer to a :class:`SampleRequest` (with the reference's log-probs if asked)."""
 
     samples: Samples
-    sample_seconds: float  # sampling alone, without the reference pass
+    reference_seconds: float = 0.0  # the reference pass's
 
 
 @dataclass(frozen=True)
@@ -244,17 +244,19 @@ def _rollout_process_main(
                 return
             case SampleRequest() as request:
                 try:
-                    start = time.perf_counter()
+                    k = request.num_samples
                     samples = sample_completions(
-                        sampler, request.prompt_ids, request.prompt_mask, sampling,
-                        request.num_samples, seed=request.seed,
+                        sampler, request.prompt_ids, request.prompt_mask, sampling, k,
+                        seed=request.seed,
                     )  # fmt: skip
-                    seconds = time.perf_counter() - start
-                    if request.reference and reference is not None:
-                        packed = reference.logprobs.pack(samples, request.num_samples)
+                    seconds = 0.0
+                    if request.reference_prompts and reference is not None:
+                        start = time.perf_counter()
+                        part = TokenRows.of_prompts(samples, k, range(request.reference_prompts))
                         ref_logps = reference.logprobs.reference_logps(
-                            reference.model, samples, packed
+                            reference.model, part, reference.logprobs.pack(part, k)
                         )
+                        seconds = time.perf_counter() - start
                         samples = dataclasses.replace(samples, ref_logps=ref_logps)
                     conn.send(Sampled(samples, seconds))
                 except Exception:

@@ -48,7 +48,8 @@ class Timings:
 
     generate: float = 0.0  # sampling it, or waiting for the rollout sampled ahead
     score_wait: float = 0.0  # waiting for its rewards once the log-prob passes are done
-    reference: float = 0.0  # the reference pass in the step (0 if the rollout process ran it)
+    reference: float = 0.0  # the trainer's reference pass (of the prompts it ran it for)
+    ready: float = 0.0  # perf_counter() when sampled, decoded and its rewards requested
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Rollout:
     rewards: Future[RewardBatch]  # each source's and the combined rewards, [K·B]
     policy_version: int  # global step of the weights that sampled it
     timings: Timings = field(default_factory=Timings)
-    ref_logps: torch.Tensor | None = None  # [K·B, T], if the rollout process computed them
+    ref_logps: torch.Tensor | None = None  # [K·n, T]: the first n prompts', by the rollout process
 
     @property
     def num_samples(self) -> int:
@@ -103,19 +104,40 @@ def resolve_async_backend(
     return backend
 
 
-def reference_in_rollout(sampling_seconds: float, policy_seconds: float) -> bool:
-    """Should the rollout process run the reference pass (rather than the trainer's step)?
+# The share of the measured gap that each step's reference split closes after the first
+# (which closes all of it): a step's halves move by tens of milliseconds at random, which
+# full corrections would follow.
+BALANCE_GAIN = 0.25
 
-    An async step takes as long as the longer of its two halves, which run side by side: the
-    trainer's forward and backward of the policy (F, ``policy_seconds``) and the rollout
-    process's sampling (G, ``sampling_seconds``). The reference pass (R) goes to the shorter:
-    ``max(G + R, F) < max(G, F + R)`` exactly when ``G < F``. Short completions of a large
-    policy leave sampling the shorter half; long ones, or a small policy whose sampling is
-    mostly per-token overhead, the longer. (Where both sides have as many intra-op threads,
-    as on 2 cores, both compute the same log-probs; elsewhere they may differ in the last
-    bits.)
+
+def reference_split(
+    current: float,
+    num_prompts: int,
+    imbalance: float,
+    trainer_cost: float,
+    rollout_cost: float,
+    rollouts: int = 1,
+    gain: float = 1.0,
+) -> float:
+    """For how many prompts of each request the rollout process should run the reference
+    pass (the first ones; the trainer runs the others'), so that both halves of an async step
+    take as long. Requests round it to a whole number of prompts.
+
+    The step takes as long as the longer of its two halves, which run side by side: the
+    trainer's log-prob passes and backward, and the rollout's sampling (with decoding and the
+    reward request). ``imbalance`` is how much longer the trainer's half was in the step just
+    measured, with ``current`` of ``num_prompts`` prompts' passes in the rollout process
+    (negative: the trainer waited for the rollout). Moving one prompt's pass from the trainer
+    to the rollout process shortens the trainer's half by ``trainer_cost`` and lengthens the
+    rollout's by ``rollout_cost`` (seconds per prompt on each side's threads), for each of the
+    step's ``rollouts``: the gap closes by ``rollouts · (trainer_cost + rollout_cost)`` per
+    prompt moved. ``gain`` < 1 moves that share of the way, as measured gaps are noisy. Short
+    completions of a large policy leave sampling the shorter half, and most of the pass goes
+    to the rollout process; long ones, or a small policy whose sampling is mostly per-token
+    overhead, keep it in the trainer.
     """
-    return sampling_seconds < policy_seconds
+    moved = gain * imbalance / (rollouts * (trainer_cost + rollout_cost))
+    return min(float(num_prompts), max(0.0, current + moved))
 
 
 class AsyncRollouts:
@@ -146,11 +168,17 @@ class AsyncRollouts:
         self._make_rollout = make_rollout
         # the trainer's intra-op threads beside the rollout process (None: the default rule)
         self._trainer_num_threads = trainer_num_threads
-        # Process backend: the reference pass it can run, whether the next requests ask it
-        # to (see balance), and how long the last request's sampling took.
+        # Process backend: the reference pass it can run, for how many prompts of each
+        # request it runs it (see wait_for_sampling; rounded), each side's last cost of the
+        # pass per prompt, and whether the step's halves are not those of a usual step (it
+        # sampled in place, or a batch was short): nothing to balance by.
         self._reference = reference
-        self.reference_in_process = False
-        self._sampling_seconds: float | None = None
+        self.reference_prompts = 0.0
+        self._balanced = False  # once: later steps correct by BALANCE_GAIN of the gap
+        self._num_prompts = 0
+        self._trainer_cost: float | None = None
+        self._rollout_cost: float | None = None
+        self._unusual_step = False
         self._pool: ThreadPoolExecutor | None = None
         # (prompts, rollout) in the order the steps take them
         self._pending: deque[tuple[list[Prompt], Future[Rollout]]] = deque()
@@ -163,13 +191,16 @@ class AsyncRollouts:
 
     def take(self, prompts: list[Prompt]) -> Rollout | None:
         """The rollout queued for ``prompts`` (waited for), or ``None``: sample in place."""
+        self._unusual_step |= len(prompts) < self._num_prompts
         if not self._pending:
+            self._unusual_step = True
             return None
         start = time.perf_counter()
         expected, future = self._pending[0]
         if expected != prompts:
             logger.warning("async rollout queue out of step with the data; sampling in place")
             self.cancel()
+            self._unusual_step = True
             return None
         self._pending.popleft()
         rollout = future.result()
@@ -204,6 +235,7 @@ class AsyncRollouts:
         if not upcoming and not last_step and fetch_next_epoch is not None:
             upcoming = fetch_next_epoch()
         self._lookahead = (epoch_iterator, upcoming)
+        self._unusual_step = False
         generate = self._publish(policy, step)
         unqueued = [] if self._pending else current
         if self._pool is None:
@@ -256,25 +288,64 @@ class AsyncRollouts:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int
     ) -> Samples:
         assert self.process is not None
-        request = SampleRequest(
-            prompt_ids, prompt_mask, self._num_samples, seed, self.reference_in_process
-        )
+        num_prompts = prompt_ids.shape[0]
+        self._num_prompts = max(self._num_prompts, num_prompts)
+        in_process = min(round(self.reference_prompts), num_prompts) if self._reference else 0
+        request = SampleRequest(prompt_ids, prompt_mask, self._num_samples, seed, in_process)
         sampled = self.process.sample(request)
-        self._sampling_seconds = sampled.sample_seconds
+        if in_process:
+            self._rollout_cost = sampled.reference_seconds / in_process
         return sampled.samples
 
-    def balance(self, policy_seconds: float) -> None:
-        """Place the reference pass of the rollouts requested from now on
-        (:func:`reference_in_rollout`), given the step's forward and backward of the policy
-        without a reference pass (``policy_seconds``) and the last request's sampling."""
-        if self._reference is not None and self._sampling_seconds is not None:
-            self.reference_in_process = reference_in_rollout(self._sampling_seconds, policy_seconds)
+    def note_reference(self, rollout: Rollout) -> float:
+        """Note what the trainer's reference pass of ``rollout`` cost per prompt (for
+        :meth:`wait_for_sampling`); returns the share of its prompts whose pass the rollout
+        process ran."""
+        num_prompts = len(rollout.prompts)
+        ref_logps = rollout.ref_logps
+        in_process = 0 if ref_logps is None else ref_logps.shape[0] // rollout.num_samples
+        if in_process < num_prompts:
+            self._trainer_cost = rollout.timings.reference / (num_prompts - in_process)
+        return in_process / num_prompts
 
-    def wait_for_sampling(self) -> None:
+    def wait_for_sampling(self) -> float:
         """Wait until the queued rollouts are sampled (the process backend reads the weights
-        that the optimizer step is about to change)."""
-        if self.process is not None:
-            wait([future for _, future in self._pending])
+        that the optimizer step is about to change); returns the seconds waited.
+
+        How long the trainer waited, or how long before it the rollouts were ready, is how
+        much shorter the trainer's half of the step was than the rollout's, or longer: it
+        places the next requests' reference pass (:func:`reference_split`)."""
+        if self.process is None:
+            return 0.0
+        futures = [future for _, future in self._pending]
+        start = time.perf_counter()
+        wait(futures)
+        waited = time.perf_counter() - start
+        sampled = [f.result() for f in futures if f.exception() is None]
+        short = any(len(rollout.prompts) < self._num_prompts for rollout in sampled)
+        if sampled and len(sampled) == len(futures) and not (self._unusual_step or short):
+            ready = max(rollout.timings.ready for rollout in sampled)
+            self._balance(start - ready, len(sampled))
+        return waited
+
+    def _balance(self, imbalance: float, rollouts: int) -> None:
+        """Place the reference pass of the requests from now on (:func:`reference_split`),
+        once either side's cost of it is known (the other's taken as the same until it is)."""
+        trainer_cost = self._trainer_cost if self._trainer_cost is not None else self._rollout_cost
+        rollout_cost = self._rollout_cost if self._rollout_cost is not None else trainer_cost
+        if self._reference is None or trainer_cost is None or rollout_cost is None:
+            return
+        if trainer_cost + rollout_cost > 0:
+            self.reference_prompts = reference_split(
+                self.reference_prompts, self._num_prompts, imbalance, trainer_cost,
+                rollout_cost, rollouts, BALANCE_GAIN if self._balanced else 1.0,
+            )  # fmt: skip
+            self._balanced = True
+            logger.debug(
+                "halves %+.3f s apart (trainer's longer: +), reference pass per prompt %.4f s "
+                "(trainer) / %.4f s (rollout process): %.1f of %d prompts' in the rollout process",
+                imbalance, trainer_cost, rollout_cost, self.reference_prompts, self._num_prompts,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -358,13 +429,16 @@ class AsyncRollouts:
 
 class SamplingBarrier(TrainerCallback):
     """Holds each optimizer step until the rollouts sampled with the weights it changes are
-    done (the process backend samples with the trainer's weights in place)."""
+    done (the process backend samples with the trainer's weights in place); ``record`` gets
+    the seconds it waited."""
 
-    def __init__(self, rollouts: AsyncRollouts) -> None:
+    def __init__(self, rollouts: AsyncRollouts, record: Callable[[float], None]) -> None:
         self.rollouts = rollouts
+        self.record = record
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.rollouts.wait_for_sampling()
+        if self.rollouts.process is not None:
+            self.record(self.rollouts.wait_for_sampling())
 
 
 def next_epoch_batches(

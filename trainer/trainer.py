@@ -196,7 +196,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
                     backend, self.sampling, args.num_samples_per_prompt, self._rollout,
                     args.async_trainer_num_threads, reference,
                 )  # fmt: skip
-                self.add_callback(SamplingBarrier(self.async_rollouts))
+                record = partial(self._record_stat, "time/sampling_wait")
+                self.add_callback(SamplingBarrier(self.async_rollouts, record))
         except BaseException:
             self.rewards.close()
             raise
@@ -270,9 +271,8 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
         self.stats["time/score_wait"].append(spent.score_wait)
         self.stats["time/forward_backward"].append(forward_backward)
         if self.async_rollouts is not None and self.async_rollouts.process is not None:
-            in_process = rollout.ref_logps is not None
-            self.stats["async/reference_in_rollout"].append(float(in_process))
-            self.async_rollouts.balance(forward_backward - spent.reference)
+            share = self.async_rollouts.note_reference(rollout)
+            self.stats["async/reference_in_rollout"].append(share)
         return loss
 
     # ------------------------------------------------------------------ rollouts
@@ -349,7 +349,7 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             completions=completions,
             rewards=rewards,
             policy_version=version,
-            timings=Timings(generate=generate_seconds),
+            timings=Timings(generate=generate_seconds, ready=time.perf_counter()),
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -357,14 +357,16 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
     def _logps(self, model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the rollout's completions under ``model`` and under the
         reference (with ``padding_free``, both passes over one packed batch). The rollout
-        process may have run the reference's already: they come with the rollout."""
-        packed = self.logprob_pass.pack(rollout, rollout.num_samples)
+        process may have run the reference's of some prompts already: they come with the
+        rollout."""
+        k = rollout.num_samples
+        packed = self.logprob_pass.pack(rollout, k)
         ref_logps = rollout.ref_logps
-        if ref_logps is None:
+        if ref_logps is None or ref_logps.shape[0] < rollout.completion_ids.shape[0]:
             start = time.perf_counter()
             ref, adapter_off = self._reference(model)
             with adapter_off:
-                ref_logps = self.logprob_pass.reference_logps(ref, rollout, packed)
+                ref_logps = self.logprob_pass.complete_reference(ref, rollout, k, ref_logps, packed)
             rollout.timings.reference = time.perf_counter() - start
         return self.logprob_pass.token_logps(model, rollout, packed), ref_logps
 
@@ -453,6 +455,9 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             self.stats[name].append(value)
         self.stats["beta"].append(step.beta)
         self.stats["reward/model_changes"].append(float(self.rewards.policy.total_changes))
+
+    def _record_stat(self, name: str, value: float) -> None:
+        self.stats[name].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics (means since the last log) to the Trainer's training logs."""
