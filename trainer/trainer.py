@@ -266,10 +266,9 @@ class OnlineDPOTrainer(AtomicCheckpoints, HeldOutEvaluation):
             self._stop_on_model_change(e)
         total = time.perf_counter() - start
         spent = rollout.timings
-        forward_backward = total - spent.generate - spent.score_wait
         self.stats["time/generate"].append(spent.generate)
         self.stats["time/score_wait"].append(spent.score_wait)
-        self.stats["time/forward_backward"].append(forward_backward)
+        self.stats["time/forward_backward"].append(total - spent.generate - spent.score_wait)
         if self.async_rollouts is not None and self.async_rollouts.process is not None:
             share = self.async_rollouts.note_reference(rollout)
             self.stats["async/reference_in_rollout"].append(share)
